@@ -1,2 +1,11 @@
-"""slt_tools: singular learning theory tools for PyTorch."""
+"""slt_tools: singular learning theory tools for PyTorch.
+
+Public API (kept small and stable): LLC estimation (:func:`estimate_llc`, :class:`LLCResult`), closed-form learning
+coefficients (:mod:`slt_tools.theory`), and — as they land — trajectories, stages, symmetry, geometry and logging.
+Heavy optional dependencies (wandb, matplotlib) are imported only when used.
+"""
+from slt_tools.sampling import LLCDivergenceError, LLCResult, combine_results, estimate_llc
+
 __version__ = "0.1.0"
+
+__all__ = ["LLCDivergenceError", "LLCResult", "combine_results", "estimate_llc"]

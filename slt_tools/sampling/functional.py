@@ -1,0 +1,142 @@
+"""Stateless views of a module so many parameter vectors (chains) can share one forward/backward.
+
+A chain's movable parameters live in one flat vector θ ∈ R^D; ``FlatParams`` maps it to the named tensors that
+``torch.func.functional_call`` needs. ``batched_loss_and_grad`` evaluates (L_B(θ_c), ∇L_B(θ_c)) for every chain c
+in a single ``vmap``-ed call, or, for models that cannot be vmapped, in a loop over chains.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+RestrictTo = Sequence[str] | Callable[[str], bool] | None
+
+
+class FunctionalModel:
+    """Callable stand-in for ``model`` whose forward uses the given tensors; other attributes come from ``model``,
+    so a user's ``loss_fn(model, batch)`` works unchanged."""
+
+    def __init__(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        self._model = model
+        self._tensors = tensors
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return functional_call(self._model, self._tensors, args, kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def select_parameters(model: nn.Module, restrict_to: RestrictTo = None) -> list[str]:
+    """Names of the parameters that move: trainable ones, optionally restricted by a list of names or a predicate."""
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters (none with requires_grad=True)")
+    if restrict_to is None:
+        return trainable
+    if callable(restrict_to):
+        chosen = [name for name in trainable if restrict_to(name)]
+        if not chosen:
+            raise ValueError("restrict_to matched no trainable parameter")
+        return chosen
+    if isinstance(restrict_to, str):
+        restrict_to = [restrict_to]
+    wanted = list(restrict_to)
+    unknown = [name for name in wanted if name not in trainable]
+    if unknown:
+        raise ValueError(f"restrict_to names unknown or non-trainable parameters {unknown}; known: {trainable}")
+    if not wanted:
+        raise ValueError("restrict_to is an empty list")
+    return [name for name in trainable if name in set(wanted)]
+
+
+@dataclass
+class FlatParams:
+    """Layout of the movable parameters inside a flat vector, plus the frozen tensors (other params, buffers)."""
+
+    names: list[str]
+    shapes: list[torch.Size]
+    numels: list[int]
+    frozen: dict[str, torch.Tensor]
+
+    @classmethod
+    def from_model(cls, model: nn.Module, names: Iterable[str]) -> FlatParams:
+        names = list(names)
+        params = dict(model.named_parameters())
+        frozen = {k: v.detach() for k, v in params.items() if k not in set(names)}
+        frozen.update({k: v.detach() for k, v in model.named_buffers()})
+        shapes = [params[k].shape for k in names]
+        return cls(names, shapes, [math.prod(s) for s in shapes], frozen)
+
+    @property
+    def dim(self) -> int:
+        return sum(self.numels)
+
+    def flatten(self, model: nn.Module) -> torch.Tensor:
+        params = dict(model.named_parameters())
+        return torch.cat([params[k].detach().reshape(-1) for k in self.names])
+
+    def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = dict(self.frozen)
+        for name, shape, piece in zip(self.names, self.shapes, torch.split(theta, self.numels)):
+            out[name] = piece.view(shape)
+        return out
+
+    def write_to(self, model: nn.Module, theta: torch.Tensor) -> None:
+        """Copy a flat vector back into the model's parameters (in place, no grad)."""
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, shape, piece in zip(self.names, self.shapes, torch.split(theta, self.numels)):
+                params[name].copy_(piece.view(shape))
+
+
+def make_loss(model: nn.Module, layout: FlatParams, loss_fn: LossFn) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """θ, batch ↦ L_B(θ), the user's scalar minibatch loss at the flat parameters θ."""
+
+    def loss_at(theta: torch.Tensor, batch: Any) -> torch.Tensor:
+        return loss_fn(FunctionalModel(model, layout.unflatten(theta)), batch)
+
+    return loss_at
+
+
+class BatchedLossGrad:
+    """(C, D) parameters × one batch ↦ per-chain losses (C,) and gradients (C, D).
+
+    The forward pass is ``vmap``-ed over chains; the gradient comes from one reverse pass of Σ_c L_B(θ_c) — exact
+    per-chain gradients because chain c's loss depends on θ_c alone — which is cheaper than ``vmap(grad(·))``.
+    If the model cannot be vmapped (data-dependent control flow, ``.item()``, in-place updates of captured tensors…),
+    falls back to a loop over chains and records why.
+    """
+
+    def __init__(self, loss_at: Callable[[torch.Tensor, Any], torch.Tensor], vectorize: bool = True) -> None:
+        self._loss_at = loss_at
+        self._batched = vmap(loss_at, in_dims=(0, None), randomness="different")
+        self.vectorized = vectorize
+        self.fallback_reason: str | None = None if vectorize else "vectorize=False"
+
+    def _vmapped(self, theta: torch.Tensor, batch: Any) -> torch.Tensor:
+        return self._batched(theta, batch)
+
+    def _looped(self, theta: torch.Tensor, batch: Any) -> torch.Tensor:
+        return torch.stack([self._loss_at(theta[c], batch) for c in range(theta.shape[0])])
+
+    def __call__(self, theta: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():
+            leaf = theta.detach().requires_grad_(True)
+            if self.vectorized:
+                try:
+                    losses = self._vmapped(leaf, batch)
+                except Exception as exc:  # noqa: BLE001 - any vmap failure means "use the loop"
+                    self.vectorized = False
+                    self.fallback_reason = f"{type(exc).__name__}: {exc}"
+            if not self.vectorized:
+                losses = self._looped(leaf, batch)
+            (grads,) = torch.autograd.grad(losses.sum(), leaf)
+        return losses.detach(), grads

@@ -1,0 +1,234 @@
+"""LLC estimator: closed-form truths, chain independence, reproducibility, honesty under failure, bad input."""
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from helpers import Monomial, dln_at, dummy_loader, jacobian_rank_half, mse, teacher_loader
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import slt_tools as slt
+from slt_tools.sampling.llc import LLCDivergenceError, LLCResult, combine_results, summarize
+
+
+def quiet_llc(*args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return slt.estimate_llc(*args, **kwargs)
+
+
+# ---------------------------------------------------------------- closed-form truths
+def test_regular_model_gives_half_the_dimension():
+    """Linear regression (d = 20 parameters) at its noise-free optimum: λ = d/2 = 10."""
+    model = nn.Linear(5, 4, bias=False)
+    loader = teacher_loader(model, 20000, 200, 5)
+    res = quiet_llc(model, loader, mse, num_chains=4, num_draws=1500, num_burnin_steps=300, lr=1e-4,
+                    localization=1.0, seed=0)
+    assert abs(res.llc_mean - 10.0) < 0.07 * 10.0, res
+    assert res.diagnostics["stationary"]
+    assert 0.5 < res.diagnostics["mala_acceptance"] <= 1.0
+
+
+@pytest.mark.parametrize("k, truth", [((1,), 0.5), ((2,), 0.25)])
+def test_monomial_learning_coefficients(k, truth):
+    """K(w) = w^{2k} at w* = 0: λ = 1/(2k). In one dimension this holds at every nβ, not just asymptotically:
+    under p(w) ∝ exp(−nβ w^{2k}), E[nβ w^{2k}] = 1/(2k) (a Gamma integral)."""
+    model = Monomial(k)
+    res = quiet_llc(model, dummy_loader(1000), lambda m, b: m(), num_chains=64, num_draws=4000,
+                    num_burnin_steps=2000, lr=5e-5, localization=1.0, nbeta=1e3, seed=1, mala_every=0)
+    assert abs(res.llc_mean - truth) < 0.15 * truth, (k, res)
+
+
+@pytest.mark.parametrize("cut, truth", [((1,), 14.5), ((0,), 19.0)])
+def test_dln_local_learning_coefficient(cut, truth):
+    """DLN (9,4,6), product rank 1, noise-free data (w* is an exact minimum).
+
+    Cut in the last layer: rank(J)/2 = Aoyagi's global λ = 29/2. Cut in the first layer: a Morse–Bott point whose
+    local value rank(J)/2 = 19 exceeds the global 29/2 — the estimator must find the local value.
+    """
+    model = dln_at((9, 4, 6), 1, cut)
+    assert jacobian_rank_half(model) == truth
+    loader = teacher_loader(model, 50000, 500, 9)
+    res = quiet_llc(model, loader, mse, num_chains=4, num_draws=3000, num_burnin_steps=1500, lr=5e-6,
+                    localization=1.0, seed=0)
+    assert abs(res.llc_mean - truth) < 0.08 * truth, res
+
+
+def test_restricted_llc_is_the_submodel_truth():
+    """Only the last layer of DLN (9,4,6) moves: f = W_2·(W_1 x) is linear regression in W_2 with
+    rank(W_1) = 4 identifiable input directions, so λ = 6·4/2 = 12 (the other directions of W_2 are flat)."""
+    model = dln_at((9, 4, 6), 1, (1,))
+    loader = teacher_loader(model, 50000, 500, 9)
+    res = quiet_llc(model, loader, mse, num_chains=4, num_draws=1500, num_burnin_steps=300, lr=5e-6,
+                    localization=1.0, seed=0, restrict_to=["layers.1.weight"])
+    assert res.hyperparameters["num_params"] == 24
+    assert abs(res.llc_mean - 12.0) < 0.08 * 12.0, res
+    pred = quiet_llc(model, loader, mse, num_chains=2, num_draws=50, lr=5e-6, localization=1.0, seed=0,
+                     restrict_to=lambda name: name.startswith("layers.1"))
+    assert pred.hyperparameters["restrict_to"] == ["layers.1.weight"]
+
+
+@pytest.mark.parametrize("sampler, kwargs", [("rmsprop_sgld", {}), ("sgnht", {})])
+def test_other_samplers_on_regular_model(sampler, kwargs):
+    model = nn.Linear(5, 4, bias=False)
+    loader = teacher_loader(model, 20000, 200, 5)
+    lr = 1e-4 if sampler == "sgnht" else 1e-5
+    res = quiet_llc(model, loader, mse, num_chains=4, num_draws=2000, num_burnin_steps=500, lr=lr,
+                    localization=1.0, seed=0, sampler=sampler, sampler_kwargs=kwargs)
+    assert abs(res.llc_mean - 10.0) < 0.1 * 10.0, (sampler, res)
+
+
+def test_sgnht_thermostat_is_applied():
+    """The thermostat must move: ξ adapts so that the kinetic energy ‖p‖²/D tracks 1."""
+    from slt_tools.sampling.samplers import Sampler
+
+    s = Sampler("sgnht", lr=1e-2, localization=1.0, nbeta=1.0)
+    theta = torch.zeros(2, 50)
+    s.init_state(theta, torch.randn(2, 50) * 3.0)  # far too hot
+    xi0 = s.state["xi"].clone()
+    s.step(theta, torch.zeros(50), torch.zeros(2, 50), torch.zeros(2, 50))
+    assert (s.state["xi"] > xi0).all()
+
+
+# ---------------------------------------------------------------- structure and reproducibility
+@pytest.fixture(scope="module")
+def small_problem():
+    model = dln_at((4, 3, 4), 1, (1,))
+    return model, teacher_loader(model, 2000, 100, 4)
+
+
+def test_seed_reproducible_and_chains_independent(small_problem):
+    model, loader = small_problem
+    kw = dict(num_chains=4, num_draws=100, lr=1e-4, localization=10.0, seed=3)
+    a = quiet_llc(model, loader, mse, **kw)
+    b = quiet_llc(model, loader, mse, **kw)
+    np.testing.assert_array_equal(a.loss_trace, b.loss_trace)
+    c = quiet_llc(model, loader, mse, **{**kw, "seed": 4})
+    assert not np.allclose(a.loss_trace, c.loss_trace)
+    # chains differ from each other (independent noise streams)
+    assert np.corrcoef(a.loss_trace)[0, 1] < 0.9
+    # chain blocks and subsets reproduce the same chains
+    chunked = quiet_llc(model, loader, mse, **kw, chain_chunk_size=3)
+    np.testing.assert_allclose(chunked.loss_trace, a.loss_trace, rtol=1e-5, atol=1e-9)
+    sub = quiet_llc(model, loader, mse, **{**kw, "chain_ids": [2, 3]})
+    np.testing.assert_allclose(sub.loss_trace, a.loss_trace[2:], rtol=1e-5, atol=1e-9)
+    merged = combine_results([quiet_llc(model, loader, mse, **{**kw, "chain_ids": [0, 1]}), sub])
+    np.testing.assert_allclose(merged.llc_per_chain, a.llc_per_chain, rtol=1e-5)
+    assert merged.llc_mean == pytest.approx(a.llc_mean, rel=1e-5)
+
+
+def test_model_is_not_modified(small_problem):
+    model, loader = small_problem
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quiet_llc(model, loader, mse, num_chains=2, num_draws=50, lr=1e-4, localization=10.0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_loop_fallback_matches_vmap(small_problem):
+    model, loader = small_problem
+    kw = dict(num_chains=3, num_draws=60, lr=1e-4, localization=10.0, seed=0)
+    a = quiet_llc(model, loader, mse, **kw)
+    b = quiet_llc(model, loader, mse, **kw, vectorize=False)
+    assert b.diagnostics["vectorized"] is False
+    np.testing.assert_allclose(a.loss_trace, b.loss_trace, rtol=1e-4, atol=1e-9)
+
+
+class NotVmappable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        if self.lin.weight.sum().item() > 1e9:  # data-dependent Python control flow
+            return x[:, :2]
+        return self.lin(x)
+
+
+def test_unvmappable_model_falls_back_with_warning():
+    model = NotVmappable()
+    loader = teacher_loader(model, 500, 50, 3)
+    with pytest.warns(RuntimeWarning, match="could not be vmapped"):
+        res = slt.estimate_llc(model, loader, mse, num_chains=2, num_draws=30, lr=1e-5, localization=10.0)
+    assert res.diagnostics["vectorized"] is False and math.isfinite(res.llc_mean)
+
+
+def test_nbeta_conventions(small_problem):
+    model, loader = small_problem
+    res = quiet_llc(model, loader, mse, num_chains=2, num_draws=20, lr=1e-4, localization=10.0)
+    assert res.hyperparameters["nbeta"] == pytest.approx(2000 / math.log(2000))
+    res = quiet_llc(model, loader, mse, num_chains=2, num_draws=20, lr=1e-4, localization=10.0,
+                    nbeta_convention="batch")
+    assert res.hyperparameters["nbeta"] == pytest.approx(100 / math.log(100))
+
+
+def test_result_json_round_trip(small_problem):
+    model, loader = small_problem
+    res = quiet_llc(model, loader, mse, num_chains=2, num_draws=20, lr=1e-4, localization=10.0)
+    text = res.to_json()
+    json.loads(text)  # strict JSON
+    back = LLCResult.from_json(text)
+    assert back.llc_mean == pytest.approx(res.llc_mean)
+    np.testing.assert_allclose(back.loss_trace, res.loss_trace)
+    assert back.hyperparameters == res.hyperparameters
+
+
+# ---------------------------------------------------------------- honesty under failure
+def test_divergence_raises(small_problem):
+    model, loader = small_problem
+    with pytest.raises(LLCDivergenceError, match="diverged"):
+        quiet_llc(model, loader, mse, num_chains=2, num_draws=300, lr=10.0, localization=1.0)
+
+
+def _hp():
+    return dict(nbeta=100.0, explode_threshold=100.0, lr=1e-3)
+
+
+def test_diverged_chains_excluded_on_request():
+    rng = np.random.default_rng(0)
+    trace = 0.01 + 0.001 * rng.standard_normal((4, 200))
+    trace[1, 150:] = np.nan
+    trace[2, 100:] = 1e4  # exploding but finite
+    with pytest.raises(LLCDivergenceError):
+        summarize(trace, 0.0, _hp(), [0, 1, 2, 3])
+    with pytest.warns(RuntimeWarning, match="excluded"):
+        res = summarize(trace, 0.0, _hp(), [0, 1, 2, 3], on_divergence="exclude")
+    assert res.diagnostics["excluded_chains"] == [1, 2]
+    assert math.isfinite(res.llc_mean) and res.llc_mean == pytest.approx(1.0, rel=0.05)
+    assert np.isnan(res.llc_per_chain[[1, 2]]).all()
+
+
+def test_negative_and_unsettled_estimates_warn():
+    t = np.linspace(0, 1, 400)
+    with pytest.warns(RuntimeWarning, match="< 0"):
+        summarize(np.tile(-0.01 + 0.0 * t, (3, 1)) + 1e-4 * np.random.default_rng(0).standard_normal((3, 400)),
+                  0.0, _hp(), [0, 1, 2])
+    drifting = np.tile(0.01 + 0.05 * t, (3, 1)) + 1e-4 * np.random.default_rng(1).standard_normal((3, 400))
+    with pytest.warns(RuntimeWarning, match="not settled"):
+        res = summarize(drifting, 0.0, _hp(), [0, 1, 2])
+    assert res.diagnostics["stationary"] is False
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_input_errors(small_problem):
+    model, loader = small_problem
+    empty = DataLoader(TensorDataset(torch.zeros(0, 4), torch.zeros(0, 4)), batch_size=10)
+    base = dict(num_chains=2, num_draws=10, lr=1e-4, localization=1.0)
+    with pytest.raises(ValueError, match="empty"):
+        slt.estimate_llc(model, empty, mse, **base)
+    with pytest.raises(ValueError, match="scalar"):
+        slt.estimate_llc(model, loader, lambda m, b: (m(b[0]) - b[1]) ** 2, **base)
+    frozen = dln_at((4, 3, 4), 1, (1,)).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        slt.estimate_llc(frozen, loader, mse, **base)
+    with pytest.raises(ValueError, match="unknown"):
+        slt.estimate_llc(model, loader, mse, **base, restrict_to=["nope.weight"])
+    for bad in (dict(lr=-1.0), dict(lr=0.0), dict(localization=-1.0), dict(num_chains=0), dict(num_draws=0),
+                dict(nbeta=0.0)):
+        with pytest.raises(ValueError):
+            slt.estimate_llc(model, loader, mse, **{**base, **bad})
+    with pytest.raises(ValueError, match="sampler"):
+        slt.estimate_llc(model, loader, mse, **base, sampler="hmc")
