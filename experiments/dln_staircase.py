@@ -13,12 +13,10 @@ stage detection → figures, W&B offline run, Markdown report, summary JSON.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-import slt_tools as slt
-from slt_tools.models import DeepLinearNetwork
-from slt_tools.theory import dln_learning_coefficient
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study_common import analyse, log_spaced_steps, report, train_with_checkpoints, write_json_atomic  # noqa: E402
+
+from slt_tools.models import DeepLinearNetwork  # noqa: E402
+from slt_tools.theory import dln_learning_coefficient  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -42,12 +42,14 @@ class StaircaseConfig:
     train_steps: int = 60000
     num_checkpoints: int = 40
     seed: int = 0
-    llc: dict = field(default_factory=lambda: dict(num_chains=8, num_draws=1000, num_burnin_steps=500, lr=3e-4,
-                                                   localization=100.0, seed=0))
+    llc: dict = field(default_factory=lambda: {"num_chains": 8, "num_draws": 1000, "num_burnin_steps": 500,
+                                               "lr": 3e-4, "localization": 100.0, "seed": 0,
+                                               "on_divergence": "exclude"})
 
 
-QUICK = StaircaseConfig(num_checkpoints=18, llc=dict(num_chains=4, num_draws=400, num_burnin_steps=300, lr=3e-4,
-                                                      localization=100.0, seed=0))
+QUICK = StaircaseConfig(num_checkpoints=18, llc={"num_chains": 4, "num_draws": 400, "num_burnin_steps": 300,
+                                                 "lr": 3e-4, "localization": 100.0, "seed": 0,
+                                                 "on_divergence": "exclude"})
 
 
 def make_teacher(cfg: StaircaseConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -66,10 +68,6 @@ def mse_loss(model, batch):
     return F.mse_loss(model(batch[0]), batch[1])
 
 
-def checkpoint_steps(cfg: StaircaseConfig) -> list[int]:
-    return sorted(set(np.unique(np.geomspace(10, cfg.train_steps, cfg.num_checkpoints).astype(int)).tolist()))
-
-
 def learned_rank(model: DeepLinearNetwork, cfg: StaircaseConfig) -> int:
     """Number of teacher directions learned: singular values of the product above half the teacher's."""
     sv = torch.linalg.svdvals(model.product().detach())[: len(cfg.singular_values)]
@@ -77,117 +75,70 @@ def learned_rank(model: DeepLinearNetwork, cfg: StaircaseConfig) -> int:
 
 
 def train(cfg: StaircaseConfig, out: Path) -> list[dict]:
-    """SGD from small initialisation; saves safetensors checkpoints at log-spaced steps (skipped if present)."""
-    ckpt_dir = out / "checkpoints"
-    log_path = out / "train_log.csv"
-    steps = checkpoint_steps(cfg)
-    if log_path.exists() and all((ckpt_dir / f"step_{s:07d}.safetensors").exists() for s in steps):
-        with open(log_path) as f:
-            return [{k: float(v) if k != "step" else int(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    torch.manual_seed(cfg.seed)
+    """SGD from small initialisation; safetensors checkpoints at log-spaced steps (skipped if already there)."""
     _, x, y = make_teacher(cfg)
-    model = DeepLinearNetwork(cfg.widths, init_scale=cfg.init_scale)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.train_lr)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    rows, wanted = [], set(steps)
-    for step in range(1, cfg.train_steps + 1):
-        idx = torch.randint(0, cfg.num_samples, (cfg.batch_size,), generator=gen)
-        loss = F.mse_loss(model(x[idx]), y[idx])
-        opt.zero_grad()
+
+    def make_state():
+        torch.manual_seed(cfg.seed)
+        model = DeepLinearNetwork(cfg.widths, init_scale=cfg.init_scale)
+        return {"model": model, "opt": torch.optim.SGD(model.parameters(), lr=cfg.train_lr),
+                "gen": torch.Generator().manual_seed(cfg.seed + 1)}
+
+    def train_step(state, step):
+        idx = torch.randint(0, cfg.num_samples, (cfg.batch_size,), generator=state["gen"])
+        loss = F.mse_loss(state["model"](x[idx]), y[idx])
+        state["opt"].zero_grad()
         loss.backward()
-        opt.step()
-        if step in wanted:
-            with torch.no_grad():
-                full = float(F.mse_loss(model(x), y))
-            slt.save_checkpoint(ckpt_dir / f"step_{step:07d}.safetensors", model, step=step)
-            rows.append({"step": step, "train_loss": full, "learned_rank": learned_rank(model, cfg)})
-    tmp = log_path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(log_path)
-    return rows
+        state["opt"].step()
+
+    def evaluate(state):
+        with torch.no_grad():
+            full = float(F.mse_loss(state["model"](x), y))
+        return {"train_loss": full, "learned_rank": learned_rank(state["model"], cfg)}
+
+    steps = log_spaced_steps(10, cfg.train_steps, cfg.num_checkpoints)
+    return train_with_checkpoints(out, steps, make_state, train_step, lambda s: s["model"], evaluate)
 
 
-def plateau_table(traj, train_rows: list[dict], cfg: StaircaseConfig) -> list[dict]:
+def plateau_table(summary: dict, train_rows: list[dict], cfg: StaircaseConfig) -> list[dict]:
     """Median λ̂ over the checkpoints of each learned rank (valid estimates only) vs Aoyagi's λ(r)."""
-    rank_at = {row["step"]: int(row["learned_rank"]) for row in train_rows}
+    rank_at = {int(row["step"]): int(row["learned_rank"]) for row in train_rows}
     table = []
     for r in range(len(cfg.singular_values) + 1):
-        vals = [m for s, m in zip(traj.steps, traj.llc_mean) if rank_at.get(int(s)) == r and m > 0]
+        vals = [c["llc_mean"] for c in summary["checkpoints"] if rank_at.get(c["step"]) == r and c["llc_mean"] > 0]
         truth = float(dln_learning_coefficient(cfg.widths, r)[0])
-        if vals:
-            est = float(np.median(vals))
-            table.append({"rank": r, "truth": truth, "llc_median": est, "rel_error": (est - truth) / truth,
-                          "num_checkpoints": len(vals)})
-        else:
-            table.append({"rank": r, "truth": truth, "llc_median": None, "rel_error": None, "num_checkpoints": 0})
+        est = float(np.median(vals)) if vals else None
+        table.append({"rank": r, "truth": truth, "llc_median": est, "num_checkpoints": len(vals),
+                      "rel_error": None if est is None else (est - truth) / truth})
     return table
 
 
 def run(cfg: StaircaseConfig, out: Path, use_wandb: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    print(f"[1/4] training DLN {cfg.widths} for {cfg.train_steps} SGD steps", flush=True)
+    print(f"[train] DLN {cfg.widths}, {cfg.train_steps} SGD steps", flush=True)
     rows = train(cfg, out)
     _, x, y = make_teacher(cfg)
     loader = DataLoader(TensorDataset(x, y), batch_size=cfg.batch_size, shuffle=True)
-    logger = slt.WandbLogger(project="slt_tools-studies", name=f"dln_staircase{'-quick' if cfg == QUICK else ''}",
-                             config=asdict(cfg), save_dir=out / "figures") if use_wandb else None
-    print(f"[2/4] LLC at {len(rows)} checkpoints (resumable store {out / 'llc.jsonl'})", flush=True)
-    traj = slt.llc_trajectory(out / "checkpoints", lambda: DeepLinearNetwork(cfg.widths), loader, mse_loss,
-                              results=out / "llc.jsonl", logger=logger, on_divergence="exclude", **cfg.llc)
-    print("[3/4] detecting stages", flush=True)
-    valid = np.asarray(traj.llc_mean) > 0
-    stages = slt.detect_stages(np.asarray(traj.steps)[valid], np.asarray(traj.llc_mean)[valid],
-                               loss=np.asarray(traj.loss)[valid], llc_std=np.asarray(traj.llc_std)[valid])
-    table = plateau_table(traj, rows, cfg)
-    print("[4/4] figures, report", flush=True)
-    figures = out / "figures"
-    figures.mkdir(exist_ok=True)
-    from slt_tools.plots import plot_stages
-
-    plot_stages(np.asarray(traj.steps)[valid], np.asarray(traj.llc_mean)[valid],
-                llc_std=np.asarray(traj.llc_std)[valid], loss=np.asarray(traj.loss)[valid], stages=stages,
-                path=figures / "stages.png")
-    if logger is not None:
-        logger.log_stages(stages, traj)
-        logger.finish()
-    summary = {
-        "config": asdict(cfg),
-        "stages": [s.to_dict() for s in stages],
-        "num_type_A": sum(s.kind == "A" for s in stages),
-        "plateaus": table,
-        "excluded_checkpoints": [int(s) for s, v in zip(traj.steps, valid) if not v],
-        "wall_time_s": time.perf_counter() - t0,
-    }
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(out / "summary.json")
-    write_report(summary, out)
-    return summary
-
-
-def write_report(summary: dict, out: Path) -> None:
-    lines = ["# DLN staircase study", "",
-             f"Widths {tuple(summary['config']['widths'])}, teacher singular values "
-             f"{tuple(summary['config']['singular_values'])}, {summary['config']['train_steps']} SGD steps.", "",
-             "## LLC on each plateau vs Aoyagi's closed form", "", "| learned rank | λ(r) | median λ̂ | rel. error | checkpoints |",
-             "|---|---|---|---|---|"]
+    name = "dln_staircase" + ("-quick" if cfg == QUICK else "")
+    summary = analyse(name, out, asdict(cfg), lambda: DeepLinearNetwork(cfg.widths), loader, mse_loss, cfg.llc,
+                      rows, use_wandb, extra_series={"train_loss": "train loss (MSE)", "learned_rank": "learned rank"},
+                      valid=lambda llc: llc > 0)
+    summary["plateaus"] = plateau_table(summary, rows, cfg)
+    summary["num_type_A"] = sum(k == "A" for k in summary["stage_kinds"])
+    summary["wall_time_s"] = time.perf_counter() - t0
+    write_json_atomic(out / "summary.json", summary)
+    table = ["## LLC on each plateau vs Aoyagi's closed form", "",
+             "| learned rank r | λ(r) | median λ̂ | rel. error | checkpoints |", "|---|---|---|---|---|"]
     for row in summary["plateaus"]:
         est = "—" if row["llc_median"] is None else f"{row['llc_median']:.2f}"
         rel = "—" if row["rel_error"] is None else f"{100 * row['rel_error']:+.1f}%"
-        lines.append(f"| {row['rank']} | {row['truth']:g} | {est} | {rel} | {row['num_checkpoints']} |")
-    lines += ["", "## Detected stages", "", "| start | end | type | Δλ̂ | Δloss | confidence |", "|---|---|---|---|---|---|"]
-    for s in summary["stages"]:
-        lines.append(f"| {s['start']:g} | {s['end']:g} | {s['kind']} | {s['delta_llc']:+.2f} | "
-                     f"{s['delta_loss']:+.3g} | {s['confidence']:.2f} |")
-    if summary["excluded_checkpoints"]:
-        lines += ["", f"Checkpoints with λ̂ ≤ 0 (w* not near a local minimum of the loss: mid-transition or on the "
-                  f"initial plateau) are excluded from stage detection: steps {summary['excluded_checkpoints']}."]
-    lines += ["", "![stages](figures/stages.png)", "", f"Wall time: {summary['wall_time_s']:.0f} s."]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+        table.append(f"| {row['rank']} | {row['truth']:g} | {est} | {rel} | {row['num_checkpoints']} |")
+    intro = (f"Bottleneck DLN {cfg.widths} trained by SGD (lr {cfg.train_lr}, batch {cfg.batch_size}) from "
+             f"initial scale {cfg.init_scale} on a noise-free teacher with singular values {cfg.singular_values} "
+             f"(n = {cfg.num_samples}). LLC by SGLD: {cfg.llc}. Wall time {summary['wall_time_s']:.0f} s.")
+    report(out, "DLN staircase study", intro, summary, [*table, ""])
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = QUICK if args.quick else StaircaseConfig()
     out = args.out or Path("runs") / ("dln_staircase-quick" if args.quick else "dln_staircase")
     summary = run(cfg, out, use_wandb=not args.no_wandb)
-    print(json.dumps({k: summary[k] for k in ("num_type_A", "plateaus")}, indent=1))
+    print(json.dumps({"stage_kinds": summary["stage_kinds"], "plateaus": summary["plateaus"]}, indent=1))
     print(f"report: {out / 'report.md'}")
     return 0
 
