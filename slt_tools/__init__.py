@@ -5,7 +5,16 @@ coefficients (:mod:`slt_tools.theory`), and — as they land — trajectories, s
 Heavy optional dependencies (wandb, matplotlib) are imported only when used.
 """
 from slt_tools.sampling import LLCDivergenceError, LLCResult, combine_results, estimate_llc
+from slt_tools.trajectory import (
+    CheckpointError,
+    LLCTracker,
+    Trajectory,
+    llc_trajectory,
+    log_schedule,
+    save_checkpoint,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["LLCDivergenceError", "LLCResult", "combine_results", "estimate_llc"]
+__all__ = ["CheckpointError", "LLCDivergenceError", "LLCResult", "LLCTracker", "Trajectory", "combine_results",
+           "estimate_llc", "llc_trajectory", "log_schedule", "save_checkpoint"]

@@ -71,7 +71,8 @@ class FlatParams:
         names = list(names)
         params = dict(model.named_parameters())
         frozen = {k: v.detach() for k, v in params.items() if k not in set(names)}
-        frozen.update({k: v.detach() for k, v in model.named_buffers()})
+        # buffers are cloned: a module that updates them in place (BatchNorm in train mode) must not touch the model
+        frozen.update({k: v.detach().clone() for k, v in model.named_buffers()})
         shapes = [params[k].shape for k in names]
         return cls(names, shapes, [math.prod(s) for s in shapes], frozen)
 

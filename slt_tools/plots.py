@@ -1,0 +1,135 @@
+"""Figures (matplotlib, imported lazily inside each function so ``import slt_tools`` stays light).
+
+Every function returns the matplotlib Figure and, with ``path=``, saves a PNG (parent directories created).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STAGE_COLOURS = {"A": "#2ca02c", "B": "#9467bd", "flat": "#bbbbbb", "other": "#ff7f0e", "up": "#2ca02c",
+                 "down": "#9467bd"}
+
+
+def _plt():
+    import matplotlib
+
+    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+        try:
+            matplotlib.use("Agg")
+        except Exception:  # noqa: BLE001 - keep the user's backend if it cannot be switched
+            pass
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | Path | None) -> None:
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=140, bbox_inches="tight")
+
+
+def _log_x(ax: Any, steps: np.ndarray) -> None:
+    if np.all(steps > 0):
+        ax.set_xscale("log")
+    elif np.all(steps >= 0):
+        ax.set_xscale("symlog", linthresh=max(1.0, float(np.min(steps[steps > 0])) if np.any(steps > 0) else 1.0))
+    ax.grid(alpha=0.3, which="both", lw=0.4)
+
+
+def shade_stages(ax: Any, stages: Sequence[Any], label: bool = True) -> None:
+    """Shade each stage by type and write its label (A, B, …) at the top of the axes."""
+    for k, s in enumerate(stages):
+        colour = STAGE_COLOURS.get(s.kind, "#bbbbbb")
+        ax.axvspan(s.start, s.end, color=colour, alpha=0.12 if k % 2 == 0 else 0.2, lw=0, zorder=0)
+        if k:
+            ax.axvline(s.start, color="0.35", lw=0.8, ls="--", zorder=1)
+        if label:
+            xm = np.sqrt(max(s.start, 1e-12) * s.end) if ax.get_xscale() == "log" else 0.5 * (s.start + s.end)
+            ax.text(xm, 0.97, s.kind, transform=ax.get_xaxis_transform(), ha="center", va="top", fontsize=10,
+                    fontweight="bold", color=colour if s.kind in ("A", "B") else "0.3")
+
+
+def _llc_and_loss(ax: Any, steps: np.ndarray, llc: np.ndarray, llc_std: np.ndarray | None,
+                  loss: np.ndarray | None) -> Any:
+    if llc_std is not None:
+        ax.fill_between(steps, llc - llc_std, llc + llc_std, color="C0", alpha=0.25, lw=0, label="± std over chains")
+    ax.plot(steps, llc, "o-", color="C0", ms=3, lw=1.4, label="LLC λ̂")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("LLC λ̂", color="C0")
+    _log_x(ax, steps)
+    handles, labels = ax.get_legend_handles_labels()
+    ax2 = None
+    if loss is not None:
+        ax2 = ax.twinx()
+        ax2.plot(steps, loss, "s-", color="C3", ms=2.5, lw=1.1, alpha=0.85, label="loss L_n(w*)")
+        ax2.set_ylabel("loss", color="C3")
+        if np.all(loss > 0) and loss.max() / max(loss.min(), 1e-300) > 30:
+            ax2.set_yscale("log")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="lower left", fontsize=8, framealpha=0.85)
+    return ax2
+
+
+def plot_stages(steps: Any, llc: Any, llc_std: Any = None, loss: Any = None, stages: Sequence[Any] | None = None,
+                ax: Any = None, path: str | Path | None = None, title: str | None = None, details: Any = None) -> Any:
+    """LLC (± std band) and loss (twin axis) against training step on a log axis, stages shaded and labelled."""
+    plt = _plt()
+    steps = np.asarray(steps, dtype=float)
+    llc = np.asarray(llc, dtype=float)
+    std = None if llc_std is None else np.asarray(llc_std, dtype=float)
+    lo = None if loss is None else np.asarray(loss, dtype=float)
+    fig = ax.figure if ax is not None else plt.figure(figsize=(8, 4.2))
+    ax = ax if ax is not None else fig.add_subplot(111)
+    _llc_and_loss(ax, steps, llc, std, lo)
+    if details is not None:
+        ax.plot(details.grid_steps, details.llc_smooth, color="k", lw=1, alpha=0.7, label="smoothed (GP)")
+    if stages:
+        shade_stages(ax, stages)
+    ax.set_title(title or "LLC over training" + (f" — {len(stages)} stages" if stages else ""))
+    fig.tight_layout()
+    _save(fig, path)
+    return fig
+
+
+def plot_trajectory(traj: Any, stages: Sequence[Any] | None = None, path: str | Path | None = None,
+                    title: str | None = None) -> Any:
+    """The LLC trajectory of a ``Trajectory`` (mean ± std over chains) with the loss on a twin axis."""
+    return plot_stages(traj.steps, traj.llc_mean, llc_std=traj.llc_std, loss=traj.loss, stages=stages, path=path,
+                       title=title or f"LLC over training ({len(traj.steps)} checkpoints)")
+
+
+def plot_chain_traces(result: Any, path: str | Path | None = None, title: str | None = None) -> Any:
+    """Per-chain minibatch loss at each draw with the initial loss L_n(w*) line, and the running λ̂ per chain."""
+    plt = _plt()
+    trace = np.asarray(result.loss_trace, dtype=float)
+    nbeta = float(result.hyperparameters["nbeta"])
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    draws = np.arange(trace.shape[1])
+    for c, row in enumerate(trace):
+        a1.plot(draws, row, lw=0.8, alpha=0.8, label=f"chain {result.chain_ids[c] if result.chain_ids else c}")
+        running = nbeta * (np.cumsum(row) / (draws + 1) - result.init_loss)
+        a2.plot(draws, running, lw=1.0, alpha=0.85)
+    a1.axhline(result.init_loss, color="k", ls="--", lw=1.2, label="L_n(w*) (initial loss)")
+    a1.set_xlabel("draw")
+    a1.set_ylabel("minibatch loss L_B(w_t)")
+    a1.set_title("chain traces")
+    a1.legend(fontsize=7, ncol=2, loc="upper right")
+    a2.axhline(result.llc_mean, color="k", ls="--", lw=1.2, label=f"λ̂ = {result.llc_mean:.3g} ± {result.llc_std:.2g}")
+    a2.set_xlabel("draw")
+    a2.set_ylabel("running λ̂ = nβ(mean L_B − L_n(w*))")
+    a2.set_title("running LLC estimate per chain")
+    a2.legend(fontsize=8, loc="lower right")
+    for a in (a1, a2):
+        a.grid(alpha=0.3, lw=0.4)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+    return fig

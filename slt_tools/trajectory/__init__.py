@@ -1,0 +1,14 @@
+"""LLC over training: checkpoints, the resumable results store, sweeps (single process or torchrun), the tracker."""
+from slt_tools.trajectory.checkpoints import (
+    CheckpointError,
+    discover_checkpoints,
+    load_into,
+    read_checkpoint,
+    save_checkpoint,
+)
+from slt_tools.trajectory.store import ResultsStore
+from slt_tools.trajectory.sweep import Trajectory, llc_trajectory
+from slt_tools.trajectory.tracker import LLCTracker, log_schedule
+
+__all__ = ["CheckpointError", "LLCTracker", "ResultsStore", "Trajectory", "discover_checkpoints", "llc_trajectory",
+           "load_into", "log_schedule", "read_checkpoint", "save_checkpoint"]

@@ -1,0 +1,104 @@
+"""Estimate the LLC during training, from inside the user's own loop, without disturbing it.
+
+``LLCTracker.maybe_estimate(step, model, optimizer)`` estimates at scheduled steps. The estimator never writes to
+the model (it samples stateless copies), but reading the data loader and building generators can consume the global
+random streams; the tracker snapshots and restores torch (CPU and CUDA), numpy and Python RNG states, the model's
+state dict and the optimizer's state dict, so training continues bit-identically as if no estimate had been made.
+"""
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from slt_tools.sampling.llc import LLCResult, estimate_llc
+from slt_tools.trajectory.store import ResultsStore
+
+
+def log_schedule(max_step: int, num: int = 30, first: int = 1) -> list[int]:
+    """About ``num`` distinct integer steps spaced evenly in log(step) from ``first`` to ``max_step``."""
+    if max_step < first or num < 1 or first < 0:
+        raise ValueError(f"need 0 ≤ first ≤ max_step and num ≥ 1, got first={first}, max_step={max_step}, num={num}")
+    lo = max(first, 1)
+    pts = np.unique(np.round(np.geomspace(lo, max_step, num)).astype(int))
+    return sorted(set(pts.tolist()) | ({0} if first == 0 else set()))
+
+
+class LLCTracker:
+    """Callback for a training loop: ``tracker.maybe_estimate(step, model, optimizer)``.
+
+    ``schedule``: an int k (every k steps, from step k), an iterable of steps, or a predicate ``step -> bool``.
+    Results go to ``results`` (a JSONL store, the same format as :func:`llc_trajectory`) and to ``logger``.
+    """
+
+    def __init__(self, loader: Any, loss_fn: Callable[[Any, Any], torch.Tensor],
+                 schedule: int | Iterable[int] | Callable[[int], bool], results: str | Path | None = None,
+                 logger: Any = None, **llc_kwargs: Any) -> None:
+        if isinstance(schedule, int):
+            if schedule < 1:
+                raise ValueError(f"an every-k schedule needs k ≥ 1, got {schedule}")
+            k = schedule
+            self._due: Callable[[int], bool] = lambda s: s > 0 and s % k == 0
+        elif callable(schedule):
+            self._due = schedule
+        else:
+            steps = {int(s) for s in schedule}
+            self._due = steps.__contains__
+        self.loader, self.loss_fn, self.logger, self.llc_kwargs = loader, loss_fn, logger, llc_kwargs
+        num_chains = int(llc_kwargs.get("num_chains", 8))
+        config = {"llc": {**{k: v for k, v in llc_kwargs.items() if k not in ("progress", "device")},
+                          "num_chains": num_chains}, "chain_chunk_size": num_chains}
+        self.store = ResultsStore(results, config) if results is not None else None
+        self._chains = tuple(range(num_chains))
+        self.history: list[tuple[int, LLCResult]] = []
+
+    def due(self, step: int) -> bool:
+        return bool(self._due(int(step)))
+
+    def maybe_estimate(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+                       ) -> LLCResult | None:
+        """Estimate at ``step`` if the schedule says so (and it is not already in the store); else do nothing."""
+        cid = f"step-{int(step)}"
+        if not self.due(step) or (self.store is not None and self.store.has(cid, self._chains)):
+            return None
+        snapshot = _snapshot(model, optimizer)
+        try:
+            result = estimate_llc(model, self.loader, self.loss_fn, **self.llc_kwargs)
+        finally:
+            _restore(snapshot, model, optimizer)
+        if self.store is not None:
+            self.store.append(cid, int(step), self._chains, result.to_dict())
+        if self.logger is not None and hasattr(self.logger, "log_trajectory_point"):
+            self.logger.log_trajectory_point(int(step), result)
+        self.history.append((int(step), result))
+        return result
+
+
+def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "model": copy.deepcopy(model.state_dict()),
+        "training": model.training,
+        "optimizer": copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None,
+    }
+
+
+def _restore(snap: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    torch.set_rng_state(snap["torch"])
+    if snap["cuda"] is not None:
+        torch.cuda.set_rng_state_all(snap["cuda"])
+    np.random.set_state(snap["numpy"])
+    random.setstate(snap["python"])
+    model.load_state_dict(snap["model"])
+    model.train(snap["training"])
+    if optimizer is not None:
+        optimizer.load_state_dict(snap["optimizer"])
