@@ -4,7 +4,9 @@ Public API (kept small and stable): LLC estimation (:func:`estimate_llc`, :class
 coefficients (:mod:`slt_tools.theory`), and — as they land — trajectories, stages, symmetry, geometry and logging.
 Heavy optional dependencies (wandb, matplotlib) are imported only when used.
 """
+from slt_tools.logging import WandbLogger
 from slt_tools.sampling import LLCDivergenceError, LLCResult, combine_results, estimate_llc
+from slt_tools.stages import Stage, detect_stages
 from slt_tools.trajectory import (
     CheckpointError,
     LLCTracker,
@@ -16,5 +18,5 @@ from slt_tools.trajectory import (
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "LLCDivergenceError", "LLCResult", "LLCTracker", "Trajectory", "combine_results",
-           "estimate_llc", "llc_trajectory", "log_schedule", "save_checkpoint"]
+__all__ = ["CheckpointError", "LLCDivergenceError", "LLCResult", "LLCTracker", "Stage", "Trajectory", "WandbLogger",
+           "combine_results", "detect_stages", "estimate_llc", "llc_trajectory", "log_schedule", "save_checkpoint"]
