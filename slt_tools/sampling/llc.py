@@ -158,7 +158,7 @@ def summarize(
                      [int(c) for c in chain_ids])
 
 
-def combine_results(parts: Sequence[LLCResult], on_divergence: str = "raise") -> LLCResult:
+def combine_results(parts: Sequence[LLCResult], on_divergence: str = "raise", warn: bool = True) -> LLCResult:
     """Merge results of disjoint chain blocks of one run (same w*, data, hyperparameters) into one result."""
     if not parts:
         raise ValueError("combine_results needs at least one result")
@@ -176,7 +176,8 @@ def combine_results(parts: Sequence[LLCResult], on_divergence: str = "raise") ->
     keep = ("vectorized", "fallback_reason", "device")
     extra = {k: parts[0].diagnostics[k] for k in keep if k in parts[0].diagnostics}
     extra["wall_time_s"] = float(sum(p.diagnostics.get("wall_time_s", 0.0) for p in parts))
-    return summarize(trace, parts[0].init_loss, {**hp, "num_chains": len(ids)}, ids, mala, on_divergence, extra)
+    return summarize(trace, parts[0].init_loss, {**hp, "num_chains": len(ids)}, ids, mala, on_divergence, extra,
+                     warn=warn)
 
 
 def _check_positive(**values: float) -> None:

@@ -61,7 +61,7 @@ class Trajectory:
         for ckpt, us in by_ckpt.items():
             if set().union(*(set(u["chains"]) for u in us)) == wanted:
                 parts = [LLCResult.from_dict(u["result"]) for u in us]
-                items.append((us[0]["step"], ckpt, combine_results(parts, on_divergence="exclude")))
+                items.append((us[0]["step"], ckpt, combine_results(parts, on_divergence="exclude", warn=False)))
         return cls.from_results(items)
 
     def __len__(self) -> int:
@@ -206,7 +206,8 @@ def llc_trajectory(
                 store.append(cid, ref.step, block, d)
             finished.setdefault(cid, []).append(LLCResult.from_dict(d))
             if len(finished[cid]) == len(blocks):
-                res = combine_results(finished[cid], on_divergence=llc_kwargs.get("on_divergence", "raise"))
+                res = combine_results(finished[cid], on_divergence=llc_kwargs.get("on_divergence", "raise"),
+                                      warn=len(blocks) > 1)
                 if rank == 0:
                     bar.update(1)
                     if progress:
@@ -220,7 +221,8 @@ def llc_trajectory(
         parts = finished.get(ref.id, [])
         if ref.id in failed or len(parts) != len(blocks):
             continue
-        items.append((ref.step, ref.id, combine_results(parts, on_divergence=llc_kwargs.get("on_divergence", "raise"))))
+        items.append((ref.step, ref.id, combine_results(parts, on_divergence=llc_kwargs.get("on_divergence", "raise"),
+                                                        warn=False)))
     if not items:
         raise CheckpointError("no checkpoint could be evaluated: " + "; ".join(failed.values()))
     return Trajectory.from_results(items)
