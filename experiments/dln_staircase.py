@@ -38,7 +38,7 @@ class StaircaseConfig:
     num_samples: int = 2000
     batch_size: int = 100
     init_scale: float = 0.06
-    train_lr: float = 0.02
+    train_lr: float = 0.04
     train_steps: int = 60000
     num_checkpoints: int = 40
     seed: int = 0
@@ -47,7 +47,7 @@ class StaircaseConfig:
                                                "on_divergence": "exclude"})
 
 
-QUICK = StaircaseConfig(num_checkpoints=18, llc={"num_chains": 4, "num_draws": 400, "num_burnin_steps": 300,
+QUICK = StaircaseConfig(num_checkpoints=30, llc={"num_chains": 4, "num_draws": 400, "num_burnin_steps": 300,
                                                  "lr": 3e-4, "localization": 100.0, "seed": 0,
                                                  "on_divergence": "exclude"})
 

@@ -83,9 +83,10 @@ def analyse(name: str, out: Path, config: dict, model_factory: Callable[[], Any]
     plot_stages(steps[mask], llc[mask], llc_std=std[mask], loss=loss[mask], stages=stages,
                 path=figures / "stages.png")
     if extra_series:
-        plot_extra(train_rows, extra_series, steps, llc, std, stages, figures / "llc_and_metrics.png")
+        plot_extra(train_rows, extra_series, steps, llc, std, mask, stages, figures / "llc_and_metrics.png")
     if logger is not None:
-        logger.log_stages(stages, traj)
+        logger.log_stages(stages, slt.Trajectory(steps[mask], llc[mask], std[mask], np.asarray(traj.llc_sem)[mask],
+                                                 loss[mask]))
         logger.finish()
     summary = {
         "study": name,
@@ -101,8 +102,9 @@ def analyse(name: str, out: Path, config: dict, model_factory: Callable[[], Any]
 
 
 def plot_extra(rows: list[dict], series: dict[str, str], steps: np.ndarray, llc: np.ndarray, std: np.ndarray,
-               stages: Sequence[Any], path: Path) -> None:
-    """LLC (top) and training metrics (bottom panels) on a shared log-step axis, stages shaded."""
+               valid: np.ndarray, stages: Sequence[Any], path: Path) -> None:
+    """LLC (top; valid estimates, excluded checkpoints marked on the axis) and training metrics (bottom panels) on a
+    shared log-step axis, stages shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,14 +112,21 @@ def plot_extra(rows: list[dict], series: dict[str, str], steps: np.ndarray, llc:
 
     fig, axes = plt.subplots(1 + len(series), 1, figsize=(7.5, 2.6 * (1 + len(series))), sharex=True)
     ax = axes[0]
-    ax.fill_between(steps, llc - std, llc + std, alpha=0.25, color="C0", lw=0)
-    ax.plot(steps, llc, "o-", ms=3, color="C0", label="λ̂ (mean ± std over chains)")
+    s, m, d = steps[valid], llc[valid], std[valid]
+    ax.fill_between(s, m - d, m + d, alpha=0.25, color="C0", lw=0)
+    ax.plot(s, m, "o-", ms=3, color="C0", label="λ̂ (mean ± std over chains)")
+    if (~valid).any():
+        ax.plot(steps[~valid], np.full((~valid).sum(), m.min() if len(m) else 0.0), "x", color="C3", ms=5,
+                label="excluded: λ̂ ≤ 0 (not near a minimum)")
     ax.set_ylabel("LLC λ̂")
     ax.legend(loc="best", fontsize=8)
     row_steps = np.array([r["step"] for r in rows])
     for a, (col, label) in zip(axes[1:], series.items()):
-        a.plot(row_steps, [r[col] for r in rows], "o-", ms=3, color="C1")
+        vals = np.array([r[col] for r in rows])
+        a.plot(row_steps, vals, "o-", ms=3, color="C1")
         a.set_ylabel(label)
+        if "loss" in col and np.all(vals > 0) and vals.max() / vals.min() > 100:
+            a.set_yscale("log")
     for a in axes:
         for k, s in enumerate(stages):
             colour = {"A": "tab:green", "B": "tab:purple"}.get(s.kind, "0.7")

@@ -70,7 +70,10 @@ def _llc_and_loss(ax: Any, steps: np.ndarray, llc: np.ndarray, llc_std: np.ndarr
         ax2.plot(steps, loss, "s-", color="C3", ms=2.5, lw=1.1, alpha=0.85, label="loss L_n(w*)")
         ax2.set_ylabel("loss", color="C3")
         if np.all(loss > 0) and loss.max() / max(loss.min(), 1e-300) > 30:
-            ax2.set_yscale("log")
+            if loss.min() > 1e-6 * loss.max():
+                ax2.set_yscale("log")
+            else:  # a loss that reaches ~0 would squash a log axis: linear near zero, log above
+                ax2.set_yscale("symlog", linthresh=1e-3 * float(loss.max()))
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
     ax.legend(handles, labels, loc="lower left", fontsize=8, framealpha=0.85)

@@ -1,0 +1,56 @@
+"""Quick versions of the developmental studies: the qualitative result each study exists to show."""
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+EXP = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _load(name):
+    sys.path.insert(0, str(EXP))
+    spec = importlib.util.spec_from_file_location(name, EXP / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture()
+def offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_dln_staircase_quick(offline):
+    study = _load("dln_staircase")
+    out = offline / "dln"
+    summary = study.run(study.QUICK, out)
+    assert summary["num_type_A"] >= 3 and set(summary["stage_kinds"]) == {"A"}
+    for row in summary["plateaus"][1:]:  # rank 0 is the initial plateau: not near a minimum, excluded
+        assert row["llc_median"] is not None and abs(row["rel_error"]) <= 0.2, row
+    assert (out / "report.md").exists() and (out / "figures" / "stages.png").stat().st_size > 10_000
+    assert list((offline / "wandb").glob("offline-run-*/*.wandb"))
+    t0 = time.perf_counter()  # a second run reuses the checkpoints and the results store
+    again = study.run(study.QUICK, out, use_wandb=False)
+    assert time.perf_counter() - t0 < 0.5 * summary["wall_time_s"]
+    assert again["checkpoints"] == summary["checkpoints"]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_grokking_quick(offline):
+    study = _load("grokking")
+    summary = study.run(study.QUICK, offline / "grok", use_wandb=False)
+    kinds = summary["stage_kinds"]
+    assert kinds[0] == "A" and "B" in kinds[1:], kinds
+    first_b = next(s for s in summary["stages"] if s["kind"] == "B")
+    rows = summary["train_log"]
+    train_at = {int(r["step"]): r["train_loss"] for r in rows}
+    # the type-B stage starts after memorisation: train loss already small, test accuracy still ~0 there
+    start = min(train_at, key=lambda s: abs(s - first_b["start"]))
+    assert train_at[start] < 0.2 * rows[0]["train_loss"]
+    assert rows[-1]["test_acc"] > 0.9
