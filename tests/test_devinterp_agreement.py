@@ -5,9 +5,9 @@ import warnings
 import numpy as np
 import pytest
 import torch.nn.functional as F
+from helpers import dln_at, mse, teacher_loader
 
 import slt_tools as slt
-from helpers import dln_at, mse, teacher_loader
 
 devinterp_sampler = pytest.importorskip("devinterp.slt.sampler", reason="devinterp (dev dependency) not installed")
 from devinterp.optim import SGLD  # noqa: E402

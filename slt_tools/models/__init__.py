@@ -1,4 +1,6 @@
 """Small reference models used by studies, tests and docs."""
 from slt_tools.models.dln import DeepLinearNetwork
+from slt_tools.models.mlp import ResidualMLP
+from slt_tools.models.transformer import Transformer, TransformerConfig
 
-__all__ = ["DeepLinearNetwork"]
+__all__ = ["DeepLinearNetwork", "ResidualMLP", "Transformer", "TransformerConfig"]

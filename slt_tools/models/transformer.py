@@ -1,0 +1,155 @@
+"""A small reference transformer with TransformerLens parameter names and shapes.
+
+``embed.W_E[d_vocab, d_model]``, ``pos_embed.W_pos[n_ctx, d_model]``; per block ``blocks.{i}.attn.W_Q/W_K/W_V
+[n_heads, d_model, d_head]``, ``W_O[n_heads, d_head, d_model]``, ``b_Q/b_K/b_V[n_heads, d_head]``, ``b_O[d_model]``;
+optional ``blocks.{i}.mlp.W_in[d_model, d_mlp]``, ``b_in``, ``W_out[d_mlp, d_model]``, ``b_out``; optional LayerNorms
+``blocks.{i}.ln1.w/b``, ``ln2``, ``ln_final``; ``unembed.W_U[d_model, d_vocab]``, ``b_U``. Causal attention, written
+with einsum only (no in-place ops, no data-dependent control flow) so it can be ``vmap``-ed over stacked parameters.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    n_layers: int = 2
+    d_model: int = 64
+    n_heads: int = 4
+    d_head: int = 16
+    d_mlp: int = 256
+    d_vocab: int = 64
+    n_ctx: int = 64
+    attn_only: bool = True
+    normalization: str | None = None  # None or "LN"
+    act_fn: str = "relu"  # "relu" or "gelu"
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.normalization not in (None, "LN"):
+            raise ValueError(f"normalization must be None or 'LN', got {self.normalization!r}")
+        if self.act_fn not in ("relu", "gelu"):
+            raise ValueError(f"act_fn must be 'relu' or 'gelu', got {self.act_fn!r}")
+        if min(self.n_layers, self.d_model, self.n_heads, self.d_head, self.d_vocab, self.n_ctx) < 1:
+            raise ValueError(f"all sizes must be positive: {self}")
+
+
+class _Param(nn.Module):
+    """A module holding named parameters (keeps TransformerLens-style dotted names)."""
+
+    def __init__(self, **shapes: tuple[int, ...] | torch.Tensor) -> None:
+        super().__init__()
+        for name, value in shapes.items():
+            self.register_parameter(name, nn.Parameter(value if isinstance(value, torch.Tensor)
+                                                       else torch.zeros(value)))
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(d))
+        self.b = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.w, self.b, eps=1e-5)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        h, d, e = cfg.n_heads, cfg.d_model, cfg.d_head
+        self.cfg = cfg
+        for name in ("W_Q", "W_K", "W_V"):
+            self.register_parameter(name, nn.Parameter(torch.randn(h, d, e) * cfg.init_std))
+        self.W_O = nn.Parameter(torch.randn(h, e, d) * cfg.init_std)
+        for name in ("b_Q", "b_K", "b_V"):
+            self.register_parameter(name, nn.Parameter(torch.zeros(h, e)))
+        self.b_O = nn.Parameter(torch.zeros(d))
+
+    def pattern(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities [batch, head, query_pos, key_pos]."""
+        q = torch.einsum("bpd,hde->bphe", x, self.W_Q) + self.b_Q
+        k = torch.einsum("bpd,hde->bphe", x, self.W_K) + self.b_K
+        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(self.cfg.d_head)
+        n = x.shape[1]
+        mask = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+        return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = torch.einsum("bpd,hde->bphe", x, self.W_V) + self.b_V
+        z = torch.einsum("bhqk,bkhe->bqhe", self.pattern(x), v)
+        return torch.einsum("bqhe,hed->bqd", z, self.W_O) + self.b_O
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.act = cfg.act_fn
+        self.W_in = nn.Parameter(torch.randn(cfg.d_model, cfg.d_mlp) * cfg.init_std)
+        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp))
+        self.W_out = nn.Parameter(torch.randn(cfg.d_mlp, cfg.d_model) * cfg.init_std)
+        self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = x @ self.W_in + self.b_in
+        return (F.relu(pre) if self.act == "relu" else F.gelu(pre)) @ self.W_out + self.b_out
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        if cfg.normalization == "LN":
+            self.ln1 = LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        if not cfg.attn_only:
+            if cfg.normalization == "LN":
+                self.ln2 = LayerNorm(cfg.d_model)
+            self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x) if self.cfg.normalization else x)
+        if not self.cfg.attn_only:
+            x = x + self.mlp(self.ln2(x) if self.cfg.normalization else x)
+        return x
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer: tokens [batch, pos] → logits [batch, pos, d_vocab]."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = _Param(W_E=torch.randn(cfg.d_vocab, cfg.d_model) * cfg.init_std)
+        self.pos_embed = _Param(W_pos=torch.randn(cfg.n_ctx, cfg.d_model) * cfg.init_std)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        if cfg.normalization == "LN":
+            self.ln_final = LayerNorm(cfg.d_model)
+        self.unembed = _Param(W_U=torch.randn(cfg.d_model, cfg.d_vocab) * cfg.init_std, b_U=torch.zeros(cfg.d_vocab))
+
+    def residual(self, tokens: torch.Tensor, upto: int | None = None) -> torch.Tensor:
+        if tokens.shape[-1] > self.cfg.n_ctx:
+            raise ValueError(f"sequence length {tokens.shape[-1]} exceeds n_ctx = {self.cfg.n_ctx}")
+        x = self.embed.W_E[tokens] + self.pos_embed.W_pos[: tokens.shape[-1]]
+        for block in self.blocks[:upto]:
+            x = block(x)
+        return x
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.residual(tokens)
+        if self.cfg.normalization == "LN":
+            x = self.ln_final(x)
+        return x @ self.unembed.W_U + self.unembed.b_U
+
+    def attention_patterns(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Per layer, attention probabilities [batch, head, query, key] (for induction-head scores)."""
+        out, x = [], self.embed.W_E[tokens] + self.pos_embed.W_pos[: tokens.shape[-1]]
+        for block in self.blocks:
+            out.append(block.attn.pattern(block.ln1(x) if self.cfg.normalization else x))
+            x = block(x)
+        return out

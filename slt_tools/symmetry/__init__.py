@@ -1,0 +1,7 @@
+"""Parameter symmetries: specs, reference-free canonical forms, weight matching, and landscape comparisons."""
+from slt_tools.symmetry.canonical import align, canonicalize, fix_gauges, permute
+from slt_tools.symmetry.landscape import Interpolation, interpolate, loss_barrier, parameter_distance
+from slt_tools.symmetry.spec import HeadGroup, SymmetrySpec, UnitGroup, spec_for_sequential, symmetry_spec
+
+__all__ = ["HeadGroup", "Interpolation", "SymmetrySpec", "UnitGroup", "align", "canonicalize", "fix_gauges",
+           "interpolate", "loss_barrier", "parameter_distance", "permute", "spec_for_sequential", "symmetry_spec"]

@@ -1,0 +1,121 @@
+"""Loss along straight lines between networks, loss barriers, and distances modulo symmetries.
+
+Loss barrier definitions (say which you report):
+
+* ``"linear"`` (default; Entezari et al. 2022, "The role of permutation invariance in linear mode connectivity"):
+  B = max_t [L((1−t)θ_a + tθ_b) − ((1−t)L(θ_a) + tL(θ_b))], the excess over the straight line between the end losses;
+* ``"mean"`` (Ainsworth et al. 2022, Git Re-Basin plots): B = max_t L(θ_t) − (L(θ_a) + L(θ_b))/2.
+
+Models with BatchNorm get their running statistics re-estimated at every t (a pass over the data in train mode,
+momentum None = cumulative average), since interpolated weights invalidate the end points' statistics.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from slt_tools.symmetry.canonical import _state, canonicalize
+from slt_tools.symmetry.spec import SymmetrySpec
+
+
+@dataclass
+class Interpolation:
+    ts: np.ndarray
+    losses: np.ndarray
+
+    def barrier(self, definition: str = "linear") -> float:
+        """Loss barrier under the named definition (see module docstring)."""
+        la, lb = self.losses[0], self.losses[-1]
+        if definition == "linear":
+            return float(np.max(self.losses - ((1 - self.ts) * la + self.ts * lb)))
+        if definition == "mean":
+            return float(np.max(self.losses) - 0.5 * (la + lb))
+        raise ValueError(f"unknown barrier definition {definition!r}: use 'linear' or 'mean'")
+
+
+def _mean_loss(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], loader: Any) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            size = len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
+            total += float(loss_fn(model, batch)) * size
+            count += size
+    if count == 0:
+        raise ValueError("the data loader is empty")
+    return total / count
+
+
+def _reset_batchnorm(model: nn.Module, loader: Any) -> None:
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    with torch.no_grad():
+        for batch in loader:
+            model(batch[0] if isinstance(batch, (list, tuple)) else batch)
+    model.eval()
+
+
+def interpolate(a: nn.Module | Mapping[str, torch.Tensor], b: nn.Module | Mapping[str, torch.Tensor],
+                loss_fn: Callable[[Any, Any], torch.Tensor], loader: Any, num_points: int = 25,
+                model: nn.Module | None = None) -> Interpolation:
+    """Mean loss over ``loader`` at θ_t = (1−t)θ_a + tθ_b for ``num_points`` values of t in [0, 1].
+
+    ``a``/``b`` are models or state dicts (then ``model`` supplies the architecture).
+    """
+    if num_points < 2:
+        raise ValueError("num_points must be at least 2")
+    template = model if model is not None else (a if isinstance(a, nn.Module) else b)
+    if not isinstance(template, nn.Module):
+        raise ValueError("pass model= when interpolating between state dicts")
+    sa, sb = _state(a), _state(b)
+    if set(sa) != set(sb) or any(sa[k].shape != sb[k].shape for k in sa):
+        raise ValueError("the two networks have different parameter names or shapes")
+    work = copy.deepcopy(template)
+    work.eval()
+    ts = np.linspace(0.0, 1.0, num_points)
+    losses = []
+    for t in ts:
+        mixed = {k: (1 - t) * sa[k] + t * sb[k] if sa[k].is_floating_point() else sa[k] for k in sa}
+        work.load_state_dict(mixed)
+        _reset_batchnorm(work, loader)
+        losses.append(_mean_loss(work, loss_fn, loader))
+    return Interpolation(ts, np.array(losses))
+
+
+def loss_barrier(a: Any, b: Any, loss_fn: Callable[[Any, Any], torch.Tensor], loader: Any, num_points: int = 25,
+                 definition: str = "linear", model: nn.Module | None = None) -> float:
+    """Loss barrier between two networks (definition ``"linear"`` or ``"mean"``, see module docstring)."""
+    return interpolate(a, b, loss_fn, loader, num_points, model).barrier(definition)
+
+
+def parameter_distance(a: nn.Module | Mapping[str, torch.Tensor], b: nn.Module | Mapping[str, torch.Tensor],
+                       canonical: bool = True, spec: SymmetrySpec | None = None) -> float:
+    """Euclidean distance between the flattened parameters, after canonicalising both (``canonical=True``)."""
+    if canonical:
+        spec = spec if spec is not None else _spec_of(a if isinstance(a, nn.Module) else b)
+        sa, sb = canonicalize(a, spec), canonicalize(b, spec)
+    else:
+        sa, sb = _state(a), _state(b)
+    if set(sa) != set(sb):
+        raise ValueError("the two networks have different parameter names")
+    sq = sum(((sa[k].double() - sb[k].double()) ** 2).sum() for k in sa if sa[k].is_floating_point())
+    return float(torch.sqrt(torch.as_tensor(sq)))
+
+
+def _spec_of(a: Any) -> SymmetrySpec:
+    from slt_tools.symmetry.spec import symmetry_spec
+
+    if isinstance(a, nn.Module):
+        return symmetry_spec(a)
+    raise ValueError("pass spec= to compare state dicts modulo symmetries")
+
