@@ -144,8 +144,8 @@ def speed(quick: bool, chains: int, peak: float) -> list[dict]:
         slt.estimate_llc(model, loader, lf, **kw)
         t_slt = time.perf_counter() - t0
         cached = [tuple(t[i:i + bs] for t in data) for i in range(0, n - bs + 1, bs)]
-        t_plain = plain_loop(model, lambda: iter(loader), lf, chains, steps, prob["lr"], prob["gamma"], nbeta)
-        t_cached = plain_loop(model, lambda: iter(cached), lf, chains, steps, prob["lr"], prob["gamma"], nbeta)
+        t_plain = plain_loop(model, lambda ld=loader: iter(ld), lf, chains, steps, prob["lr"], prob["gamma"], nbeta)
+        t_cached = plain_loop(model, lambda c=cached: iter(c), lf, chains, steps, prob["lr"], prob["gamma"], nbeta)
         t_dev = devinterp_time(model, loader, lf, chains, steps, prob["lr"], prob["gamma"], nbeta)
         flops = step_flops(model, lf, cached[0]) * chains * steps
         row = {"model": prob["name"], "params": sum(p.numel() for p in model.parameters()), "chains": chains,

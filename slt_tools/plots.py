@@ -136,3 +136,21 @@ def plot_chain_traces(result: Any, path: str | Path | None = None, title: str | 
     fig.tight_layout()
     _save(fig, path)
     return fig
+
+
+def plot_interpolation(curves: dict[str, Any], path: str | Path | None = None, title: str | None = None) -> Any:
+    """Loss along straight lines between two networks, one curve per label (e.g. before vs after alignment),
+    with each curve's loss barrier (definition "linear") in the legend."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for k, (label, curve) in enumerate(curves.items()):
+        ax.plot(curve.ts, curve.losses, "o-", ms=3, color=f"C{k}",
+                label=f"{label} (barrier {curve.barrier('linear'):.3g})")
+    ax.set_xlabel("interpolation t  (θ = (1−t)·θ_A + t·θ_B)")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3, lw=0.4)
+    ax.legend(fontsize=9, loc="upper right", framealpha=0.9)
+    ax.set_title(title or "Linear interpolation between two networks")
+    fig.tight_layout()
+    _save(fig, path)
+    return fig
