@@ -154,3 +154,40 @@ def plot_interpolation(curves: dict[str, Any], path: str | Path | None = None, t
     fig.tight_layout()
     _save(fig, path)
     return fig
+
+
+def plot_calibration(calib: Any, path: str | Path | None = None, title: str | None = None) -> Any:
+    """λ̂ of every pilot against the step size ε (one colour per γ; crosses: rejected), the chosen setting circled,
+    and the MALA acceptance of each pilot below."""
+    plt = _plt()
+    d = calib.to_dict() if hasattr(calib, "to_dict") else dict(calib)
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    gammas = sorted({c["localization"] for c in d["candidates"]})
+    for k, g in enumerate(gammas):
+        rows = [c for c in d["candidates"] if c["localization"] == g]
+        ok = [c for c in rows if c.get("llc_mean") is not None and c["verdict"] == "ok"]
+        bad = [c for c in rows if c.get("llc_mean") is not None and c["verdict"] != "ok"]
+        if ok:
+            a1.errorbar([c["lr"] for c in ok], [c["llc_mean"] for c in ok], [c.get("llc_sem") or 0 for c in ok],
+                        fmt="o", color=f"C{k}", label=f"γ = {g:g}", capsize=2)
+        if bad:
+            a1.plot([c["lr"] for c in bad], [c["llc_mean"] for c in bad], "x", color=f"C{k}", ms=7)
+        acc = sorted((c for c in rows if c.get("mala_acceptance") is not None), key=lambda c: c["lr"])
+        a2.plot([c["lr"] for c in acc], [c["mala_acceptance"] for c in acc], "o-", color=f"C{k}", ms=3)
+        rejected = [c["lr"] for c in rows if c.get("mala_acceptance") is None]
+        a2.plot(rejected, [0.0] * len(rejected), "v", color=f"C{k}", ms=5, alpha=0.6)
+    a1.axvline(d["lr"], color="k", ls="--", lw=1, label=f"chosen ε = {d['lr']:.2g}, γ = {d['localization']:g}")
+    a2.axvline(d["lr"], color="k", ls="--", lw=1)
+    a2.axhline(0.95, color="0.5", ls=":", lw=1)
+    a1.set_ylabel("pilot λ̂")
+    a1.legend(fontsize=8)
+    a2.set_ylabel("MALA acceptance")
+    a2.set_xlabel("SGLD step size ε   (▼: diverged,  ×: rejected pilot)")
+    a2.set_ylim(-0.05, 1.05)
+    for a in (a1, a2):
+        a.set_xscale("log")
+        a.grid(alpha=0.3, which="both", lw=0.4)
+    a1.set_title(title or "LLC calibration sweep")
+    fig.tight_layout()
+    _save(fig, path)
+    return fig

@@ -229,6 +229,7 @@ def estimate_llc(
     on_divergence: str = "raise",
     progress: bool = False,
     logger: Any = None,
+    max_extensions: int = 2,
 ) -> LLCResult:
     """Estimate the LLC λ̂(w*) of ``model`` at its current weights w* (see module docstring for the math).
 
@@ -253,23 +254,58 @@ def estimate_llc(
         on_divergence: "raise" (default) raises :class:`LLCDivergenceError`; "exclude" drops diverged chains and
             reports them in ``diagnostics["excluded_chains"]``.
         logger: optional logger with ``log_llc(result)`` (e.g. ``slt_tools.logging.WandbLogger``).
+        max_extensions: with automatic calibration (``lr`` or ``localization`` left as None, see
+            :func:`slt_tools.sampling.calibration.calibrate_llc`), how many times an unsettled run is doubled before
+            it is reported as not converged (``diagnostics["converged"] = False`` and a warning).
     """
     if lr is None or localization is None:
         from slt_tools.sampling.calibration import calibrate_llc
 
         calib = calibrate_llc(model, loader, loss_fn, lr=lr, localization=localization, nbeta=nbeta,
                               nbeta_convention=nbeta_convention, sampler=sampler, restrict_to=restrict_to, seed=seed,
-                              device=device, vectorize=vectorize)
-        lr, localization, nbeta = calib.lr, calib.localization, calib.nbeta
-        result = estimate_llc(
-            model, loader, loss_fn, num_chains=num_chains, num_draws=max(num_draws, calib.num_draws),
-            num_burnin_steps=max(num_burnin_steps, calib.num_burnin_steps), num_steps_bw_draws=num_steps_bw_draws,
-            lr=lr, localization=localization, nbeta=nbeta, nbeta_convention=nbeta_convention, sampler=sampler,
-            sampler_kwargs=sampler_kwargs, restrict_to=restrict_to, seed=seed, chain_ids=chain_ids,
-            chain_chunk_size=chain_chunk_size, device=device, vectorize=vectorize, mala_every=mala_every,
-            explode_threshold=explode_threshold, on_divergence=on_divergence, progress=progress, logger=logger)
-        result.diagnostics["calibration"] = calib.to_dict()
+                              device=device, vectorize=vectorize, num_chains=num_chains, num_draws=num_draws)
+        kwargs = dict(num_chains=num_chains, num_steps_bw_draws=num_steps_bw_draws, lr=calib.lr,
+                      localization=calib.localization, nbeta=nbeta, nbeta_convention=nbeta_convention,
+                      sampler=sampler, sampler_kwargs=sampler_kwargs, restrict_to=restrict_to, seed=seed,
+                      chain_ids=chain_ids, chain_chunk_size=chain_chunk_size, device=device, vectorize=vectorize,
+                      mala_every=mala_every, explode_threshold=explode_threshold, on_divergence=on_divergence,
+                      progress=progress)
+        draws, burnin = max(num_draws, calib.num_draws), max(num_burnin_steps, calib.num_burnin_steps)
+        pilot = [c for c in calib.candidates if c["lr"] == calib.lr and c.get("llc_mean") is not None]
+        previous = (pilot[-1]["llc_mean"], pilot[-1]["llc_sem"] or 0.0) if pilot else None
+        extensions, history = 0, []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            while True:
+                result = estimate_llc(model, loader, loss_fn, num_draws=draws, num_burnin_steps=burnin, **kwargs)
+                history.append(result.llc_mean)
+                # relaxation check: a longer run (more diffusion time ε·steps) must not move λ̂ — slowly relaxing
+                # flat directions show up as an estimate that keeps growing with run length
+                settled = result.diagnostics["stationary"]
+                if previous is not None:
+                    gap = abs(result.llc_mean - previous[0])
+                    settled = settled and gap <= max(0.1 * abs(result.llc_mean),
+                                                     3 * math.hypot(result.llc_sem, previous[1]))
+                if settled or extensions >= max_extensions:
+                    break
+                extensions += 1
+                previous = (result.llc_mean, result.llc_sem)
+                draws, burnin = 2 * draws, 2 * burnin + draws
+        converged = bool(settled)
+        result.diagnostics.update(calibration=calib.to_dict(), extensions=extensions, converged=converged,
+                                  llc_by_run_length=history)
         result.hyperparameters["calibrated"] = True
+        if not converged:
+            reasons = list(result.diagnostics["not_stationary_reasons"])
+            if len(history) > 1 or pilot:
+                reasons.append("λ̂ kept changing as the run got longer: " + " → ".join(
+                    f"{v:.3g}" for v in ([pilot[-1]["llc_mean"]] if pilot else []) + history))
+            warnings.warn(f"LLC estimate did not converge after {extensions} extension(s) to {draws} draws: "
+                          + "; ".join(reasons) + f". λ̂ = {result.llc_mean:.4g} is not a trustworthy answer "
+                          "(typical of highly degenerate points whose flat directions relax slowly)",
+                          RuntimeWarning, stacklevel=2)
+        if logger is not None:
+            logger.log_llc(result)
         return result
     _check_positive(lr=lr, localization=localization, num_chains=num_chains, num_draws=num_draws,
                     num_steps_bw_draws=num_steps_bw_draws)

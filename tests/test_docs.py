@@ -1,0 +1,21 @@
+"""Every Python block in docs/guide.md runs, in order, in one namespace."""
+import re
+import warnings
+from pathlib import Path
+
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guide.md"
+
+
+def test_guide_code_blocks_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), flags=re.S)
+    assert len(blocks) >= 6
+    namespace: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, code in enumerate(blocks):
+            exec(compile(code, f"{GUIDE.name}[block {i}]", "exec"), namespace)  # noqa: S102
+    assert abs(namespace["res"].llc_mean - 14.5) < 0.15 * 14.5
+    assert [s.kind for s in namespace["stages"]] == namespace["curves"].kinds
