@@ -6,6 +6,7 @@ Heavy optional dependencies (wandb, matplotlib) are imported only when used.
 """
 from slt_tools.logging import WandbLogger
 from slt_tools.sampling import LLCDivergenceError, LLCResult, combine_results, estimate_llc
+from slt_tools.sampling.calibration import Calibration, CalibrationError, calibrate_llc
 from slt_tools.stages import Stage, detect_stages
 from slt_tools.trajectory import (
     CheckpointError,
@@ -18,5 +19,5 @@ from slt_tools.trajectory import (
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "LLCDivergenceError", "LLCResult", "LLCTracker", "Stage", "Trajectory", "WandbLogger",
+__all__ = ["Calibration", "CalibrationError", "calibrate_llc", "CheckpointError", "LLCDivergenceError", "LLCResult", "LLCTracker", "Stage", "Trajectory", "WandbLogger",
            "combine_results", "detect_stages", "estimate_llc", "llc_trajectory", "log_schedule", "save_checkpoint"]
