@@ -34,25 +34,25 @@ def random_mlp(rng):
     return nn.Sequential(*layers), widths[0]
 
 
-def symmetry_copy(model, gen, noise=0.0):
+def symmetry_copy(model, gen, noise=0.0, spec=None):
     """A random element of the model's symmetry group applied to its parameters (+ optional weight noise)."""
-    spec = symmetry_spec(model)
+    spec = spec or symmetry_spec(model)
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     perms = {}
+    for u in spec.residual:
+        perms[u.name] = torch.randperm(u.size, generator=gen)
+        permute(sd, u.axes, perms[u.name])
     for g in spec.heads:
         perms[g.name] = torch.randperm(g.n_heads, generator=gen)
         permute(sd, g.axes, perms[g.name])
-        for h in range(g.n_heads):  # within-head regauge: W̃_Q A, W̃_K A^{-T}; W̃_V B, B^{-1} W_O
-            d = sd[g.p("W_Q")].shape[-1]
-            A = torch.randn(d, d, generator=gen) + 2 * torch.eye(d)
-            B = torch.randn(d, d, generator=gen) + 2 * torch.eye(d)
-            sd[g.p("W_Q")][h] = sd[g.p("W_Q")][h] @ A
-            sd[g.p("b_Q")][h] = sd[g.p("b_Q")][h] @ A
-            sd[g.p("W_K")][h] = sd[g.p("W_K")][h] @ torch.linalg.inv(A).T
-            sd[g.p("b_K")][h] = sd[g.p("b_K")][h] @ torch.linalg.inv(A).T
-            sd[g.p("W_V")][h] = sd[g.p("W_V")][h] @ B
-            sd[g.p("b_V")][h] = sd[g.p("b_V")][h] @ B
-            sd[g.p("W_O")][h] = torch.linalg.inv(B) @ sd[g.p("W_O")][h]
+        d = sd[g.p("W_Q")].shape[-1]
+        for h in range(g.n_heads):  # within-head regauge: W̃_Q A, W̃_K A^{-T}; W̃_V B, B^{-1} W_O (A, B invertible)
+            A = torch.linalg.matrix_exp(0.7 * torch.randn(d, d, generator=gen, dtype=torch.float64))
+            B = torch.linalg.matrix_exp(0.7 * torch.randn(d, d, generator=gen, dtype=torch.float64))
+            for key, M in (("W_Q", A), ("b_Q", A), ("W_K", torch.linalg.inv(A).T), ("b_K", torch.linalg.inv(A).T),
+                           ("W_V", B), ("b_V", B)):
+                sd[g.p(key)][h] = (sd[g.p(key)][h].double() @ M).float()
+            sd[g.p("W_O")][h] = (torch.linalg.inv(B) @ sd[g.p("W_O")][h].double()).float()
     for u in spec.units:
         perms[u.name] = torch.randperm(u.size, generator=gen)
         permute(sd, u.axes, perms[u.name])
@@ -61,7 +61,8 @@ def symmetry_copy(model, gen, noise=0.0):
         elif u.gauge == "sign":
             _scale_units(sd, u, torch.randint(0, 2, (u.size,), generator=gen).float() * 2 - 1)
     if noise:
-        sd = {k: v + noise * v.std() * torch.randn(v.shape, generator=gen) for k, v in sd.items()}
+        sd = {k: v + noise * v.std() * torch.randn(v.shape, generator=gen) if v.numel() > 1 else v
+              for k, v in sd.items()}
     return sd, perms
 
 
@@ -88,22 +89,59 @@ def test_mlp_canonical_form_properties(seed):
     assert parameter_distance(model, clone) < 1e-4 < parameter_distance(model, clone, canonical=False)
 
 
-@pytest.mark.parametrize("attn_only, act", [(True, "relu"), (False, "relu"), (False, "gelu")])
-def test_transformer_canonical_form_properties(attn_only, act):
-    torch.manual_seed(0)
-    cfg = TransformerConfig(n_layers=2, d_model=16, n_heads=4, d_head=4, d_mlp=24, d_vocab=13, n_ctx=8,
-                            attn_only=attn_only, act_fn=act, normalization="LN", init_std=0.3)
-    model = Transformer(cfg)
-    toks = torch.randint(0, 13, (6, 8))
-    canon = canonicalize(model)
+def random_transformer(rng):
+    ln = rng.random() < 0.5
+    cfg = TransformerConfig(n_layers=int(rng.integers(1, 3)), d_model=int(rng.integers(2, 13)),
+                            n_heads=int(rng.integers(1, 5)), d_head=int(rng.integers(1, 7)),
+                            d_mlp=int(rng.integers(3, 20)), d_vocab=11, n_ctx=6, attn_only=bool(rng.random() < 0.4),
+                            act_fn=["relu", "gelu"][int(rng.integers(2))], normalization="LN" if ln else None,
+                            init_std=0.4)
+    return Transformer(cfg), bool(rng.random() < 0.5)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_transformer_canonical_form_properties(seed):
+    """Random configs (incl. d_model + 1 < d_head, LN or not, MLP or not, residual-stream permutation or not)."""
+    rng = np.random.default_rng(100 + seed)
+    torch.manual_seed(seed)
+    model, residual = random_transformer(rng)
+    cfg = model.cfg
+    for name, p in model.named_parameters():  # non-trivial biases and LN weights: every gauge is exercised
+        if p.ndim == 1 or ".b_" in name:
+            p.data += 0.3 * torch.randn(p.shape)
+    spec = symmetry_spec(model, residual_stream=residual)
+    toks = torch.randint(0, cfg.d_vocab, (5, cfg.n_ctx))
+    canon = canonicalize(model, spec)
     other = Transformer(cfg)
     other.load_state_dict(canon)
-    assert (other(toks) - model(toks)).abs().max() <= 1e-5
-    assert same(canonicalize(other), canon, atol=1e-5)
-    moved, _ = symmetry_copy(model, torch.Generator().manual_seed(1))
+    assert model(toks).abs().max() > 0.3
+    assert (other(toks) - model(toks)).abs().max() <= 1e-5  # function preserved
+    assert same(canonicalize(other, spec), canon, atol=1e-5)  # idempotent
+    moved, _ = symmetry_copy(model, torch.Generator().manual_seed(seed), spec=spec)
     other.load_state_dict(moved)
-    assert (other(toks) - model(toks)).abs().max() <= 1e-4
-    assert same(canonicalize(other), canon, atol=1e-4)
+    assert (other(toks) - model(toks)).abs().max() <= 1e-4  # the regauged copy is the same function ...
+    assert not same(moved, model.state_dict(), atol=1e-3)  # ... at different parameters ...
+    assert same(canonicalize(other, spec), canon, atol=1e-4)  # ... and collapses to the same canonical form
+
+
+def test_transformer_is_vmappable_and_patterns_are_causal():
+    """functional_call + vmap over stacked parameters (the LLC engine's path) equals a loop over the models."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    cfg = TransformerConfig(n_layers=2, d_model=12, n_heads=3, d_head=4, d_mlp=16, d_vocab=9, n_ctx=5,
+                            attn_only=False, normalization="LN")
+    models = [Transformer(cfg) for _ in range(3)]
+    params, buffers = stack_module_state(models)
+    toks = torch.randint(0, 9, (4, 5))
+    out = vmap(lambda p, b: functional_call(models[0], (p, b), (toks,)))(params, buffers)
+    ref = torch.stack([m(toks) for m in models])
+    assert out.shape == (3, 4, 5, 9) and torch.allclose(out, ref, atol=1e-6)
+    pats = models[0].attention_patterns(toks)
+    assert len(pats) == 2 and pats[0].shape == (4, 3, 5, 5)
+    assert torch.allclose(pats[1].sum(-1), torch.ones(4, 3, 5))
+    assert (pats[1].triu(1) == 0).all()  # causal: no query attends to a later key
+    with pytest.raises(ValueError, match="exceeds n_ctx"):
+        models[0](torch.zeros(1, 6, dtype=torch.long))
 
 
 def test_residual_mlp_canonical_form():
@@ -128,14 +166,59 @@ def test_weight_matching_recovers_planted_permutation(noise):
         np.testing.assert_array_equal(perms[name], inverse)
 
 
-def test_weight_matching_recovers_attention_heads():
+@pytest.mark.parametrize("noise, residual", [(0.0, False), (0.1, False), (0.0, True)])
+def test_weight_matching_recovers_attention_heads(noise, residual):
+    """Planted head permutations (+ within-head regauging, MLP unit permutations/rescalings and optionally a
+    residual-stream permutation) are recovered exactly, also under 10% weight noise."""
     torch.manual_seed(0)
-    cfg = TransformerConfig(n_layers=2, d_model=24, n_heads=6, d_head=4, d_vocab=17, n_ctx=8, init_std=0.3)
+    cfg = TransformerConfig(n_layers=2, d_model=24, n_heads=6, d_head=4, d_mlp=32, d_vocab=17, n_ctx=8,
+                            attn_only=False, init_std=0.3)
     model = Transformer(cfg)
-    moved, planted = symmetry_copy(model, torch.Generator().manual_seed(4))
-    _, perms = align(model, moved)
+    spec = symmetry_spec(model, residual_stream=residual)
+    moved, planted = symmetry_copy(model, torch.Generator().manual_seed(4), noise=noise, spec=spec)
+    aligned, perms = align(model, moved, spec=spec)
+    assert set(perms) == set(planted)
     for name, p in planted.items():
         np.testing.assert_array_equal(perms[name], torch.argsort(p).numpy())
+    if not noise:  # aligned is the same function as the copy, and the same parameters as the gauge-fixed reference
+        other = Transformer(cfg)
+        other.load_state_dict(aligned)
+        toks = torch.randint(0, 17, (4, 8))
+        assert (other(toks) - model(toks)).abs().max() <= 1e-4
+        assert same(aligned, slt.symmetry.fix_gauges(model, spec), atol=1e-4)
+
+
+def test_head_matching_is_two_level():
+    """Two-level head matching: when a copy's QK singular values come in a different order (so its balanced
+    factorisation has swapped, sign-flipped columns), the head permutation is still found and the within-head
+    orthogonal gauge (Procrustes) lines the columns up again; matching with the identity gauge could not."""
+    torch.manual_seed(1)
+    cfg = TransformerConfig(n_layers=1, d_model=16, n_heads=5, d_head=4, d_vocab=7, n_ctx=4, init_std=0.3)
+    spec = symmetry_spec(Transformer(cfg))
+    g = spec.heads[0]
+    ref = slt.symmetry.fix_gauges(Transformer(cfg), spec)
+    target = torch.tensor([1.0, 0.96, 0.5, 0.2])  # QK singular values of every head: the first two nearly tied
+    s = (ref[g.p("W_Q")].double().square().sum(1) + ref[g.p("b_Q")].double().square())  # (h, e) = S
+    for key in ("W_Q", "W_K"):
+        ref[g.p(key)] = (ref[g.p(key)] * (target / s.float()).sqrt()[:, None, :]).contiguous()
+    for key in ("b_Q", "b_K"):
+        ref[g.p(key)] = ref[g.p(key)] * (target / s.float()).sqrt()
+    moved = {k: v.clone() for k, v in ref.items()}
+    swap = torch.tensor([0.955, 1.0 / 0.955, 1.0, 1.0]).sqrt()  # singular values (0.955, 1.005, …): order flips
+    for key in ("W_Q", "W_K"):
+        moved[g.p(key)] = moved[g.p(key)] * swap
+    for key in ("b_Q", "b_K"):
+        moved[g.p(key)] = moved[g.p(key)] * swap
+    planted = torch.randperm(5, generator=torch.Generator().manual_seed(3))
+    permute(moved, g.axes, planted)
+    aligned, perms = align(ref, moved, spec=spec)
+    np.testing.assert_array_equal(perms[g.name], torch.argsort(planted).numpy())
+    gauged = slt.symmetry.fix_gauges(moved, spec)  # the copy's own balanced form: columns 0 and 1 swapped
+    gauged_in_order = {k: v[torch.argsort(planted)] if k.startswith(g.prefix) and k != g.p("b_O") else v
+                       for k, v in gauged.items()}
+    wq = g.p("W_Q")
+    assert (gauged_in_order[wq] - ref[wq]).abs().max() > 0.5 * ref[wq].abs().max()
+    assert (aligned[wq] - ref[wq]).abs().max() < 0.05 * ref[wq].abs().max()
 
 
 def _trained_mlp(seed, x, y):
@@ -185,6 +268,78 @@ def test_llc_of_canonical_form_agrees():
     assert abs(a.llc_mean - b.llc_mean) < 3 * np.hypot(a.llc_sem, b.llc_sem) + 0.05 * a.llc_mean
 
 
+def test_tie_rules_dead_units_and_rank_deficient_heads():
+    """Units with identical incoming weights are ordered by their outgoing weights (so copies still collapse);
+    dead ReLU units (zero incoming weights and bias) and rank-deficient heads are handled function-preservingly and
+    idempotently (a dead unit's outgoing weights are unidentifiable and left alone, see docs/symmetry.md)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight[1] = model[0].weight[0]
+        model[0].bias[1] = model[0].bias[0]  # units 0 and 1 have the same incoming vector ...
+        model[2].weight[:, 1] = -2 * model[2].weight[:, 0]  # ... but different outgoing weights
+    canon = canonicalize(model)
+    for seed in range(4):
+        moved, _ = symmetry_copy(model, torch.Generator().manual_seed(seed))
+        assert same(canonicalize(moved, symmetry_spec(model)), canon)
+    with torch.no_grad():
+        model[0].weight[4] = 0.0
+        model[0].bias[4] = 0.0  # a dead unit
+    x = torch.randn(16, 3)
+    clone = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2))
+    clone.load_state_dict(canonicalize(model))
+    assert (clone(x) - model(x)).abs().max() <= 1e-5
+    assert same(canonicalize(clone), canonicalize(model), atol=1e-6)
+
+    cfg = TransformerConfig(n_layers=1, d_model=8, n_heads=3, d_head=4, d_vocab=5, n_ctx=4, init_std=0.5)
+    tf = Transformer(cfg)
+    with torch.no_grad():
+        tf.blocks[0].attn.W_Q[1] = 0.0  # head 1: QK rank 0 (uniform attention)
+        tf.blocks[0].attn.W_V[2, :, 2:] = 0.0  # head 2: OV rank 2 < d_head
+    other = Transformer(cfg)
+    other.load_state_dict(canonicalize(tf))
+    toks = torch.randint(0, 5, (3, 4))
+    assert (other(toks) - tf(toks)).abs().max() <= 1e-5
+    assert same(canonicalize(other), canonicalize(tf), atol=1e-6)
+
+
+def test_axes_to_perm_view():
+    cfg = TransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=16, d_vocab=5, n_ctx=4,
+                            attn_only=False, normalization="LN")
+    spec = symmetry_spec(Transformer(cfg), residual_stream=True)
+    view = spec.axes_to_perm()
+    assert view["blocks.0.attn.W_O"] == {0: "blocks.0.heads", 2: "residual"}
+    assert view["blocks.0.mlp.W_in"] == {0: "residual", 1: "blocks.0.mlp.units"}
+    assert view["ln_final.w"] == {0: "residual"} and view["unembed.W_U"] == {0: "residual"}
+    assert "unembed.b_U" not in view and "blocks.0.attn.b_O" in view
+    assert "b_O" not in "".join(n for n, _ in spec.heads[0].axes)  # b_O is shared by all heads
+    assert "GL(d_head)" in spec.describe() and "rescaling" in spec.describe()
+
+
+def test_interpolation_resets_batchnorm_statistics():
+    """At every t the BatchNorm running statistics are re-estimated from the data, so stale statistics stored in
+    the end points do not enter the loss."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+    x = 3 + 2 * torch.randn(256, 3)
+    y = torch.randn(256, 1)
+    loader = DataLoader(TensorDataset(x, y), batch_size=256)
+    loss = lambda m, b: F.mse_loss(m(b[0]), b[1])  # noqa: E731
+    stale = {k: v.clone() for k, v in net.state_dict().items()}  # running mean 0, var 1: wrong for this data
+    curve = interpolate(stale, stale, loss, loader, num_points=3, model=net)
+    fresh = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8, momentum=None), nn.ReLU(), nn.Linear(8, 1))
+    fresh.load_state_dict(stale)
+    fresh.train()
+    with torch.no_grad():
+        fresh(x)
+    fresh.eval()
+    net.eval()
+    expected = float(loss(fresh, (x, y)))
+    np.testing.assert_allclose(curve.losses, expected, rtol=1e-5)
+    assert abs(float(loss(net, (x, y))) - expected) > 0.01  # the stale statistics would have given another loss
+    assert curve.barrier() == pytest.approx(0.0, abs=1e-6)
+
+
 def test_unsupported_architectures_are_named():
     with pytest.raises(ValueError, match="Conv2d"):
         symmetry_spec(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Linear(2, 2)))
@@ -196,5 +351,17 @@ def test_unsupported_architectures_are_named():
     with pytest.raises(ValueError, match="0.weight has 5 entries on axis 0"):
         align(model, nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)).state_dict(),
               spec=symmetry_spec(model))
+    with pytest.raises(ValueError, match="LayerNorm"):
+        symmetry_spec(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 2)))
+    with pytest.raises(ValueError, match="two Linear layers in a row"):
+        symmetry_spec(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)))
+    with pytest.raises(ValueError, match="no residual stream"):
+        symmetry_spec(model, residual_stream=True)
+    with pytest.raises(ValueError, match="gauge"):
+        slt.symmetry.UnitGroup("u", 2, [("a", 0)], [("a", 0)], [], gauge="rotate")
+    with pytest.raises(ValueError, match="unknown alignment method"):
+        align(model, model, method="activation_matching")
+    with pytest.raises(TypeError, match="state dict"):
+        canonicalize([1, 2], spec=symmetry_spec(model))
     with pytest.raises(ValueError, match="definition"):
         interpolate(model, model, lambda m, b: m(b[0]).sum(), [(torch.zeros(2, 3),)], 3).barrier("max")
