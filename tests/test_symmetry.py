@@ -24,6 +24,15 @@ from slt_tools.symmetry.canonical import _scale_units
 ACTS = [nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.GELU]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: intra-op threads only add overhead (and stall badly on a shared machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def random_mlp(rng):
     widths = [int(rng.integers(2, 7))] + [int(rng.integers(3, 12)) for _ in range(rng.integers(1, 4))] + [3]
     layers = []
