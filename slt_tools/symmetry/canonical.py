@@ -113,9 +113,10 @@ def _scale_units(sd: StateDict, u: UnitGroup, factor: torch.Tensor) -> None:
             sd[name] = (t.double() * f.repeat_interleave(u.block).reshape(shape).to(t.device)).to(t.dtype)
 
 
-def _fix_unit_gauge(sd: StateDict, u: UnitGroup) -> None:
+def _fix_unit_gauge(sd: StateDict, u: UnitGroup) -> torch.Tensor | None:
+    """Apply the scale/sign gauge in place; returns the per-unit factor applied to the incoming slices."""
     if u.gauge is None:
-        return
+        return None
     rows = _unit_matrix(sd, u.incoming, u.block).double()
     if u.gauge == "scale":
         norms = rows.norm(dim=1)
@@ -125,6 +126,7 @@ def _fix_unit_gauge(sd: StateDict, u: UnitGroup) -> None:
         signs = torch.sign(rows.gather(1, pick[:, None]).squeeze(1))
         factor = torch.where(signs == 0, torch.ones_like(signs), signs)
     _scale_units(sd, u, factor)
+    return factor
 
 
 def _round_rel(x: np.ndarray, digits: int = 6) -> np.ndarray:
@@ -205,16 +207,52 @@ def _sort_heads(sd: StateDict, g: HeadGroup, qk: torch.Tensor, ov: torch.Tensor)
     return order
 
 
+def _gauge_back(raw: torch.Tensor, can: torch.Tensor) -> torch.Tensor:
+    """Per head, H with raw = can·H (least squares); identity where it is not well determined (rank-deficient)."""
+    h = torch.linalg.lstsq(can, raw).solution
+    ok = torch.linalg.cond(h) < 1e8
+    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device).expand_as(h)
+    ok = ok & ((can @ h - raw).flatten(1).norm(dim=1) <= 1e-6 * raw.flatten(1).norm(dim=1).clamp_min(1e-30))
+    return torch.where(ok[:, None, None], h, eye)
+
+
+def _fix_gauges_recorded(sd: StateDict, spec: SymmetrySpec) -> list[tuple[Any, ...]]:
+    """fix_gauges in place, returning what was applied so that :func:`_undo_gauges` can map another network of the
+    same architecture into this one's original gauge."""
+    record: list[tuple[Any, ...]] = []
+    for u in spec.units:  # forward order: a unit's outgoing weights are the next layer's incoming ones
+        factor = _fix_unit_gauge(sd, u)
+        if factor is not None:
+            record.append(("unit", u, factor))
+    for g in spec.heads:
+        q0, k0, v0, o0 = _head_tensors(sd, g)
+        _fix_head_gauges(sd, g)
+        q1, _, v1, _ = _head_tensors(sd, g)
+        record.append(("head", g, _gauge_back(q0, q1), _gauge_back(v0, v1)))
+    return record
+
+
+def _undo_gauges(sd: StateDict, record: list[tuple[Any, ...]]) -> None:
+    """Apply the inverse of a recorded gauge fixing to ``sd`` (in place, in reverse order). Every step is a
+    symmetry, so the function of ``sd`` is unchanged."""
+    for entry in reversed(record):
+        if entry[0] == "unit":
+            _, u, factor = entry
+            _scale_units(sd, u, 1.0 / factor)
+        else:
+            _, g, h_qk, h_ov = entry
+            q, k, v, o = _head_tensors(sd, g)
+            _set_heads(sd, g, q @ h_qk, k @ torch.linalg.inv(h_qk).transpose(-1, -2), v @ h_ov,
+                       torch.linalg.solve(h_ov, o))
+
+
 def fix_gauges(model_or_sd: nn.Module | Mapping[str, torch.Tensor], spec: SymmetrySpec | None = None) -> StateDict:
     """Steps 1–3 of :func:`canonicalize` (scale, sign and within-head gauges) without sorting. Commutes with
     permutations (up to the documented ties), which is why :func:`align` matches gauge-fixed parameters."""
     spec = _resolve(model_or_sd, spec)
     sd = _state(model_or_sd)
     _check_spec(sd, spec)
-    for u in spec.units:  # forward order: a unit's outgoing weights are the next layer's incoming ones
-        _fix_unit_gauge(sd, u)
-    for g in spec.heads:
-        _fix_head_gauges(sd, g)
+    _fix_gauges_recorded(sd, spec)
     return sd
 
 
@@ -260,20 +298,27 @@ def _apply_head_transform(sd: StateDict, g: HeadGroup, perm: np.ndarray, g_qk: t
 
 
 def align(reference: nn.Module | Mapping[str, torch.Tensor], other: nn.Module | Mapping[str, torch.Tensor],
-          spec: SymmetrySpec | None = None, method: str = "weight_matching", max_iter: int = 100, seed: int = 0
-          ) -> tuple[StateDict, dict[str, np.ndarray]]:
+          spec: SymmetrySpec | None = None, method: str = "weight_matching", max_iter: int = 100, seed: int = 0,
+          frame: str = "reference") -> tuple[StateDict, dict[str, np.ndarray]]:
     """Move ``other`` along its symmetry orbit to match ``reference`` (Git Re-Basin weight matching after gauge
     fixing; two-level head matching for attention — see the module docstring).
 
     Returns (aligned state dict — the same function as ``other`` —, {group name: permutation}), where ``perm[j]`` is
-    the unit (head) of gauge-fixed ``other`` placed at position j. The aligned parameters live in the gauge-fixed
-    frame: compare them with ``fix_gauges(reference)`` (they are the same function as ``other``). Within-head
-    orthogonal gauges chosen for attention are applied in the returned state dict.
+    the unit (head) of gauge-fixed ``other`` placed at position j.
+
+    ``frame="reference"`` (default): the matched parameters are mapped back into the reference's own gauge (the
+    inverse of the scale/sign/within-head gauge fixing applied to the reference), so ``interpolate(reference,
+    aligned)`` compares like with like. ``frame="canonical"``: they are left in the gauge-fixed frame; compare them
+    with ``fix_gauges(reference)``. Either way the result is the same function as ``other``.
     """
     if method != "weight_matching":
         raise ValueError(f"unknown alignment method {method!r}; available: 'weight_matching'")
+    if frame not in ("reference", "canonical"):
+        raise ValueError(f"frame must be 'reference' or 'canonical', got {frame!r}")
     spec = _resolve(reference if isinstance(reference, nn.Module) else other, spec)
-    a, b = fix_gauges(reference, spec), fix_gauges(other, spec)
+    a, b = _state(reference), fix_gauges(other, spec)
+    _check_spec(a, spec)
+    record = _fix_gauges_recorded(a, spec)
     if set(a) != set(b) or any(a[k].shape != b[k].shape for k in a):
         raise ValueError("reference and other have different parameter names or shapes")
     groups = spec.permutation_groups()
@@ -326,4 +371,7 @@ def align(reference: nn.Module | Mapping[str, torch.Tensor], other: nn.Module | 
                     rots[name] = (gqk[diag, sel], gov[diag, sel])
         if not improved:
             break
-    return transformed_b(None), perms
+    out = transformed_b(None)
+    if frame == "reference":
+        _undo_gauges(out, record)
+    return out, perms
