@@ -149,7 +149,7 @@ def plot_interpolation(curves: dict[str, Any], path: str | Path | None = None, t
     ax.set_xlabel("interpolation t  (θ = (1−t)·θ_A + t·θ_B)")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3, lw=0.4)
-    ax.legend(fontsize=9, loc="upper right", framealpha=0.9)
+    ax.legend(fontsize=9, loc="best", framealpha=0.9)
     ax.set_title(title or "Linear interpolation between two networks")
     fig.tight_layout()
     _save(fig, path)
