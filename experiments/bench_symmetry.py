@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                   "mean": copy_after.barrier("mean")}
     ends = curves["A vs B (another seed), naive"].losses
     result = {"command": "python experiments/bench_symmetry.py", "torch_threads": torch.get_num_threads(),
+              "load_average_1_5_15min": os.getloadavg(),  # the machine was shared: timings are upper bounds
               "timing": rows, "barriers": barriers, "endpoint_losses": {"A": float(ends[0]), "B": float(ends[-1])},
               "barrier_definition": "linear: max_t L(θ_t) − ((1−t)L(A) + tL(B)) (Entezari et al.); "
                                     "mean: max_t L(θ_t) − (L(A)+L(B))/2",

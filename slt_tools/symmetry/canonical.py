@@ -139,7 +139,11 @@ def _stable_lexsort(*keys: np.ndarray) -> np.ndarray:
     cols = np.concatenate([_round_rel(k.reshape(len(k), -1)) for k in keys], axis=1)
     if cols.shape[1] == 0:
         return np.arange(cols.shape[0])
-    return np.lexsort(cols.T[::-1])  # np.lexsort is stable: exact ties keep their current order
+    lead = cols[:, :8]  # the leading columns almost always decide; fall back to all columns on a tie among them
+    order = np.lexsort(lead.T[::-1])  # np.lexsort is stable: exact ties keep their current order
+    if len(order) > 1 and np.any(np.all(lead[order[1:]] == lead[order[:-1]], axis=1)):
+        order = np.array(sorted(range(len(cols)), key=lambda i: tuple(cols[i])), dtype=np.int64)  # stable
+    return order
 
 
 def _sort_units(sd: StateDict, u: UnitGroup) -> np.ndarray:
