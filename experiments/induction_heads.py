@@ -12,8 +12,6 @@ show up as a stage.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,7 +22,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study_common import analyse, log_spaced_steps, report, train_with_checkpoints, write_json_atomic  # noqa: E402
+from study_common import (  # noqa: E402
+    analyse,
+    log_spaced_steps,
+    report,
+    study_main,
+    train_with_checkpoints,
+    write_json_atomic,
+)
 
 from slt_tools.models import Transformer, TransformerConfig  # noqa: E402
 
@@ -129,17 +134,8 @@ def run(cfg: InductionConfig, out: Path, use_wandb: bool = True) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--no-wandb", action="store_true")
-    args = p.parse_args(argv)
-    cfg = QUICK if args.quick else InductionConfig()
-    out = args.out or Path("runs") / ("induction_heads-quick" if args.quick else "induction_heads")
-    summary = run(cfg, out, use_wandb=not args.no_wandb)
-    print(json.dumps({"stage_kinds": summary["stage_kinds"], "formed_at": summary["induction_head_formed_at"],
-                      "stages": summary["stages"]}, indent=1))
-    return 0
+    return study_main(__doc__, "induction_heads", InductionConfig(), QUICK, run,
+                      ["stage_kinds", "induction_head_formed_at", "stages"], argv)
 
 
 if __name__ == "__main__":
