@@ -195,8 +195,8 @@ def accuracy(quick: bool) -> list[dict]:
             y = model(x)
         loader = DataLoader(TensorDataset(x, y), batch_size=500, shuffle=True)
         t0 = time.perf_counter()
-        res = slt.estimate_llc(model, loader, mse, num_chains=4, num_draws=1500 if quick else 4000,
-                               num_burnin_steps=1000 if quick else 3000, lr=5e-6, localization=1.0, seed=0)
+        res = slt.estimate_llc(model, loader, mse, num_chains=4, num_draws=1500 if quick else 6000,
+                               num_burnin_steps=1000 if quick else 4000, lr=1e-6, localization=1.0, seed=0)
         row = {"widths": widths, "rank": rank, "cut_layer": cut, "truth_local": local, "aoyagi_global": aoyagi,
                "llc_mean": res.llc_mean, "llc_sem": res.llc_sem, "rel_error": (res.llc_mean - local) / local,
                "wall_s": time.perf_counter() - t0, "stationary": res.diagnostics["stationary"]}

@@ -12,8 +12,6 @@ stage detection → figures, W&B offline run, Markdown report, summary JSON.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +23,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study_common import analyse, log_spaced_steps, report, train_with_checkpoints, write_json_atomic  # noqa: E402
+from study_common import (  # noqa: E402
+    analyse,
+    log_spaced_steps,
+    report,
+    study_main,
+    train_with_checkpoints,
+    write_json_atomic,
+)
 
 from slt_tools.models import DeepLinearNetwork  # noqa: E402
 from slt_tools.theory import dln_learning_coefficient  # noqa: E402
@@ -142,17 +147,7 @@ def run(cfg: StaircaseConfig, out: Path, use_wandb: bool = True) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small sizes for a smoke test (< 1 min)")
-    p.add_argument("--out", type=Path, default=None, help="output directory (default runs/dln_staircase[-quick])")
-    p.add_argument("--no-wandb", action="store_true", help="do not log to W&B (offline by default)")
-    args = p.parse_args(argv)
-    cfg = QUICK if args.quick else StaircaseConfig()
-    out = args.out or Path("runs") / ("dln_staircase-quick" if args.quick else "dln_staircase")
-    summary = run(cfg, out, use_wandb=not args.no_wandb)
-    print(json.dumps({"stage_kinds": summary["stage_kinds"], "plateaus": summary["plateaus"]}, indent=1))
-    print(f"report: {out / 'report.md'}")
-    return 0
+    return study_main(__doc__, "dln_staircase", StaircaseConfig(), QUICK, run, ["stage_kinds", "plateaus"], argv)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,6 @@ grokking example's hyperparameters (ε = 3e-3, nβ = 2, γ = 5), on the training
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,7 +20,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study_common import analyse, log_spaced_steps, report, train_with_checkpoints, write_json_atomic  # noqa: E402
+from study_common import (  # noqa: E402
+    analyse,
+    log_spaced_steps,
+    report,
+    study_main,
+    train_with_checkpoints,
+    write_json_atomic,
+)
 
 
 class ModularAdditionMLP(nn.Module):
@@ -123,17 +128,7 @@ def run(cfg: GrokkingConfig, out: Path, use_wandb: bool = True) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small sizes for a smoke test (< 1 min)")
-    p.add_argument("--out", type=Path, default=None, help="output directory (default runs/grokking[-quick])")
-    p.add_argument("--no-wandb", action="store_true", help="do not log to W&B (offline by default)")
-    args = p.parse_args(argv)
-    cfg = QUICK if args.quick else GrokkingConfig()
-    out = args.out or Path("runs") / ("grokking-quick" if args.quick else "grokking")
-    summary = run(cfg, out, use_wandb=not args.no_wandb)
-    print(json.dumps({"stage_kinds": summary["stage_kinds"], "stages": summary["stages"]}, indent=1))
-    print(f"report: {out / 'report.md'}")
-    return 0
+    return study_main(__doc__, "grokking", GrokkingConfig(), QUICK, run, ["stage_kinds", "stages"], argv)
 
 
 if __name__ == "__main__":

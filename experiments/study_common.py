@@ -156,3 +156,20 @@ def report(out: Path, title: str, intro: str, summary: dict, extra_sections: Seq
     if (out / "figures" / "llc_and_metrics.png").exists():
         lines += ["![llc and metrics](figures/llc_and_metrics.png)", ""]
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def study_main(doc: str, name: str, full: Any, quick: Any, run: Callable[..., dict], show: Sequence[str],
+               argv: list[str] | None = None) -> int:
+    """The command line shared by the studies: --quick, --out, --no-wandb; prints the summary keys in ``show``."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes for a smoke test (< 1 min)")
+    p.add_argument("--out", type=Path, default=None, help=f"output directory (default runs/{name}[-quick])")
+    p.add_argument("--no-wandb", action="store_true", help="do not log to W&B (offline by default)")
+    args = p.parse_args(argv)
+    out = args.out or Path("runs") / (f"{name}-quick" if args.quick else name)
+    summary = run(quick if args.quick else full, out, use_wandb=not args.no_wandb)
+    print(json.dumps({k: summary[k] for k in show}, indent=1))
+    print(f"report: {out / 'report.md'}")
+    return 0

@@ -1,8 +1,10 @@
 """slt_tools: singular learning theory tools for PyTorch.
 
-Public API (kept small and stable): LLC estimation (:func:`estimate_llc`, :class:`LLCResult`), closed-form learning
-coefficients (:mod:`slt_tools.theory`), and — as they land — trajectories, stages, symmetry, geometry and logging.
-Heavy optional dependencies (wandb, matplotlib) are imported only when used.
+Public API (kept small and stable): LLC estimation (:func:`estimate_llc`, :func:`calibrate_llc`), LLC over training
+(:func:`llc_trajectory`, :class:`LLCTracker`), developmental stages (:func:`detect_stages`) and W&B logging
+(:class:`WandbLogger`). Submodules: :mod:`slt_tools.theory` (closed-form learning coefficients),
+:mod:`slt_tools.symmetry` (canonical forms, alignment, barriers), :mod:`slt_tools.geometry` (Hessian, eNTK),
+:mod:`slt_tools.models`, :mod:`slt_tools.plots`. wandb and matplotlib are imported only when used.
 """
 from slt_tools.logging import WandbLogger
 from slt_tools.sampling import LLCDivergenceError, LLCResult, combine_results, estimate_llc
@@ -19,5 +21,8 @@ from slt_tools.trajectory import (
 
 __version__ = "0.1.0"
 
-__all__ = ["Calibration", "CalibrationError", "calibrate_llc", "CheckpointError", "LLCDivergenceError", "LLCResult", "LLCTracker", "Stage", "Trajectory", "WandbLogger",
-           "combine_results", "detect_stages", "estimate_llc", "llc_trajectory", "log_schedule", "save_checkpoint"]
+__all__ = [
+    "Calibration", "CalibrationError", "CheckpointError", "LLCDivergenceError", "LLCResult", "LLCTracker", "Stage",
+    "Trajectory", "WandbLogger", "calibrate_llc", "combine_results", "detect_stages", "estimate_llc",
+    "llc_trajectory", "log_schedule", "save_checkpoint",
+]

@@ -165,17 +165,19 @@ class WandbLogger:
         run = self.run
         if run is not None and not self._metrics_defined:
             run.define_metric(STEP_KEY)
-            for pattern in ("llc/*", "stages/*", "calibration/*"):
+            for pattern in ("llc/*", "stages/*", "calibration/*", "hessian/*", "ntk/*"):
                 run.define_metric(pattern, step_metric=STEP_KEY)
             self._metrics_defined = True
 
-    def log_trajectory_point(self, step: int, result: Any) -> None:
-        """One checkpoint's λ̂ against the training step (the x-axis is ``train/step``)."""
+    def log_trajectory_point(self, step: int, result: Any, metrics: Mapping[str, float] | None = None) -> None:
+        """One checkpoint's λ̂ (and optional extra metrics, e.g. Hessian/eNTK statistics) against the training step
+        (the x-axis is ``train/step``)."""
         self._define_step_metric()
         self._log({STEP_KEY: int(step), "llc/mean": result.llc_mean, "llc/std": result.llc_std,
                    "llc/sem": result.llc_sem, "llc/init_loss": result.init_loss,
                    "llc/mala_acceptance": result.diagnostics.get("mala_acceptance", float("nan")),
-                   "llc/stationary": float(bool(result.diagnostics.get("stationary", False)))})
+                   "llc/stationary": float(bool(result.diagnostics.get("stationary", False))),
+                   **{f"llc/{k}" if "/" not in k else k: float(v) for k, v in (metrics or {}).items()}})
 
     def log_trajectory(self, traj: Any, stages: Sequence[Any] | None = None, log_points: bool = True) -> None:
         """Every point of a trajectory plus the trajectory figure (with stages if given)."""

@@ -191,3 +191,28 @@ def plot_calibration(calib: Any, path: str | Path | None = None, title: str | No
     fig.tight_layout()
     _save(fig, path)
     return fig
+
+
+def plot_metrics_trajectory(traj: Any, keys: Sequence[str], path: str | Path | None = None,
+                            title: str | None = None) -> Any:
+    """LLC and extra per-checkpoint metrics (e.g. ``hessian/top_0``, ``hessian/trace``, ``ntk/distance_to_reference``)
+    in stacked panels on one log-step axis."""
+    plt = _plt()
+    steps = np.asarray(traj.steps, dtype=float)
+    fig, axes = plt.subplots(1 + len(keys), 1, figsize=(7.5, 2.4 * (1 + len(keys))), sharex=True)
+    axes = np.atleast_1d(axes)
+    llc, std = np.asarray(traj.llc_mean), np.asarray(traj.llc_std)
+    axes[0].fill_between(steps, llc - std, llc + std, color="C0", alpha=0.25, lw=0)
+    axes[0].plot(steps, llc, "o-", color="C0", ms=3)
+    axes[0].set_ylabel("LLC λ̂")
+    for k, (ax, key) in enumerate(zip(axes[1:], keys)):
+        vals = [m.get(key, np.nan) for m in traj.metrics]
+        ax.plot(steps, vals, "o-", color=f"C{k + 1}", ms=3)
+        ax.set_ylabel(key.replace("/", "\n"))
+    for ax in axes:
+        _log_x(ax, steps)
+    axes[-1].set_xlabel("training step")
+    axes[0].set_title(title or "LLC and landscape geometry over training")
+    fig.tight_layout()
+    _save(fig, path)
+    return fig

@@ -54,3 +54,14 @@ def test_grokking_quick(offline):
     start = min(train_at, key=lambda s: abs(s - first_b["start"]))
     assert train_at[start] < 0.2 * rows[0]["train_loss"]
     assert rows[-1]["test_acc"] > 0.9
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_induction_heads_quick(offline):
+    study = _load("induction_heads")
+    summary = study.run(study.QUICK, offline / "ind", use_wandb=False)
+    formed = summary["induction_head_formed_at"]
+    assert formed is not None and summary["train_log"][-1]["icl_score"] < -2.0
+    # the induction-head formation happens inside a type-A stage in which the LLC rises substantially
+    (stage,) = [s for s in summary["stages"] if s["start"] <= formed <= s["end"]]
+    assert stage["kind"] == "A" and stage["delta_llc"] > 10

@@ -206,3 +206,21 @@ def test_cli_end_to_end(ckpts, tmp_path):
     assert script is not None
     proc = subprocess.run([script, "--help"], capture_output=True, text=True, check=True)
     assert "stages" in proc.stdout and "plot" in proc.stdout
+
+
+def test_geometry_metrics_recorded_beside_the_llc(ckpts, tmp_path):
+    from slt_tools.geometry import hessian_summary
+    from slt_tools.plots import plot_metrics_trajectory
+
+    loader = tp.make_loader()
+
+    def metrics(model):
+        return hessian_summary(model, loader, tp.loss_fn, k=2, trace_samples=6)
+
+    traj = quiet(slt.llc_trajectory, ckpts, tp.make_model, loader, tp.loss_fn, results=tmp_path / "g.jsonl",
+                 metrics=metrics, progress=False, on_divergence="exclude", chain_chunk_size=2, **tp.LLC_KW)
+    assert all("hessian/top_0" in m and "hessian/trace" in m for m in traj.metrics)
+    again = slt.Trajectory.from_store(tmp_path / "g.jsonl")
+    assert again.metrics == traj.metrics
+    fig = plot_metrics_trajectory(traj, ["hessian/top_0", "hessian/trace"], path=tmp_path / "m.png")
+    assert len(fig.axes) == 3 and (tmp_path / "m.png").stat().st_size > 5000

@@ -81,10 +81,13 @@ class ResultsStore:
     def has(self, checkpoint: str, chains: tuple[int, ...]) -> bool:
         return (checkpoint, tuple(chains)) in self.units
 
-    def append(self, checkpoint: str, step: int, chains: tuple[int, ...], result: Mapping[str, Any]) -> None:
+    def append(self, checkpoint: str, step: int, chains: tuple[int, ...], result: Mapping[str, Any],
+               metrics: Mapping[str, float] | None = None) -> None:
         """Durably append one finished unit (single write + fsync)."""
         rec = {"type": "unit", "checkpoint": checkpoint, "step": int(step), "chains": list(chains),
                "result": dict(result)}
+        if metrics:
+            rec["metrics"] = dict(metrics)
         line = json.dumps(rec, allow_nan=False) + "\n"
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line)

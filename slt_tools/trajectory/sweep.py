@@ -39,15 +39,19 @@ class Trajectory:
     loss: np.ndarray
     results: list[LLCResult] = field(default_factory=list)
     checkpoint_ids: list[str] = field(default_factory=list)
+    metrics: list[dict[str, float]] = field(default_factory=list)  # extra per-checkpoint statistics (``metrics=``)
 
     @classmethod
-    def from_results(cls, items: Sequence[tuple[int, str, LLCResult]]) -> Trajectory:
+    def from_results(cls, items: Sequence[tuple[int, str, LLCResult]],
+                     metrics: dict[str, dict[str, float]] | None = None) -> Trajectory:
         items = sorted(items, key=lambda t: (t[0], t[1]))
         res = [r for _, _, r in items]
+        metrics = metrics or {}
         return cls(steps=np.array([s for s, _, _ in items], dtype=np.int64),
                    llc_mean=np.array([r.llc_mean for r in res]), llc_std=np.array([r.llc_std for r in res]),
                    llc_sem=np.array([r.llc_sem for r in res]), loss=np.array([r.init_loss for r in res]),
-                   results=res, checkpoint_ids=[c for _, c, _ in items])
+                   results=res, checkpoint_ids=[c for _, c, _ in items],
+                   metrics=[metrics.get(c, {}) for _, c, _ in items])
 
     @classmethod
     def from_store(cls, path: str | Path) -> Trajectory:
@@ -55,14 +59,17 @@ class Trajectory:
         config, units = ResultsStore.read_units(path)
         wanted = set(range(int(config["llc"]["num_chains"])))
         by_ckpt: dict[str, list[dict]] = {}
+        metrics: dict[str, dict[str, float]] = {}
         for u in units:
             by_ckpt.setdefault(u["checkpoint"], []).append(u)
+            if u.get("metrics"):
+                metrics[u["checkpoint"]] = u["metrics"]
         items = []
         for ckpt, us in by_ckpt.items():
             if set().union(*(set(u["chains"]) for u in us)) == wanted:
                 parts = [LLCResult.from_dict(u["result"]) for u in us]
                 items.append((us[0]["step"], ckpt, combine_results(parts, on_divergence="exclude", warn=False)))
-        return cls.from_results(items)
+        return cls.from_results(items, metrics)
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -121,6 +128,7 @@ def llc_trajectory(
     on_error: str = "skip",
     chain_chunk_size: int | None = None,
     logger: Any = None,
+    metrics: Callable[[nn.Module], dict[str, float]] | None = None,
     **llc_kwargs: Any,
 ) -> Trajectory:
     """Estimate the LLC at every checkpoint; see the module docstring for resume and scale-out semantics.
@@ -131,7 +139,9 @@ def llc_trajectory(
         results: optional JSONL results store; finished units are skipped on re-runs.
         on_error: "skip" (report an unreadable or mismatching checkpoint and continue) or "raise".
         chain_chunk_size: chains per work unit (the unit of resumption and of sharding across ranks).
-        logger: object with ``log_trajectory_point(step, result)`` (e.g. ``WandbLogger``), called on rank 0.
+        logger: object with ``log_trajectory_point(step, result, metrics)`` (e.g. ``WandbLogger``), called on rank 0.
+        metrics: optional ``model -> {name: value}`` evaluated once per checkpoint beside the LLC and stored with it,
+            e.g. ``lambda m: slt_tools.geometry.hessian_summary(m, loader, loss_fn)`` for sharpness and trace.
         **llc_kwargs: passed to :func:`slt_tools.estimate_llc` (num_chains, num_draws, lr, localization, seed, ...).
     """
     if on_error not in ("skip", "raise"):
@@ -165,6 +175,9 @@ def llc_trajectory(
         for (cid, _), rec in store.units.items():
             finished.setdefault(cid, []).append(LLCResult.from_dict(rec["result"]))
     failed: dict[str, str] = {}
+    extra_by_id: dict[str, dict[str, float]] = {}
+    if store is not None:
+        extra_by_id.update({cid: rec["metrics"] for (cid, _), rec in store.units.items() if rec.get("metrics")})
     by_id = {r.id: r for r in refs}
     bar = tqdm(total=len(refs), desc="LLC over checkpoints", unit="ckpt", disable=not progress or rank != 0)
     bar.update(sum(1 for r in refs if len(finished.get(r.id, [])) == len(blocks)))
@@ -179,7 +192,10 @@ def llc_trajectory(
             return {"error": str(exc)}
         kw = {**llc_kwargs, "progress": False}
         res = estimate_llc(model, loader, loss_fn, chain_ids=list(block), **kw)
-        return res.to_dict()
+        out = res.to_dict()
+        if metrics is not None and block[0] == 0:
+            out["metrics"] = {k: float(v) for k, v in metrics(model).items()}
+        return out
 
     for start in range(0, len(units), world):
         mine = units[start + rank] if start + rank < len(units) else None
@@ -202,8 +218,11 @@ def llc_trajectory(
                         warnings.warn(f"skipping checkpoint: {d['error']}", RuntimeWarning, stacklevel=2)
                         bar.update(1)
                 continue
+            extra = d.pop("metrics", None)
+            if extra is not None:
+                extra_by_id[cid] = extra
             if store is not None:
-                store.append(cid, ref.step, block, d)
+                store.append(cid, ref.step, block, d, metrics=extra)
             finished.setdefault(cid, []).append(LLCResult.from_dict(d))
             if len(finished[cid]) == len(blocks):
                 res = combine_results(finished[cid], on_divergence=llc_kwargs.get("on_divergence", "raise"),
@@ -214,7 +233,7 @@ def llc_trajectory(
                         tqdm.write(f"step {ref.step}: λ̂ = {res.llc_mean:.4g} ± {res.llc_std:.2g}  "
                                    f"(L_n(w*) = {res.init_loss:.4g})")
                     if logger is not None and hasattr(logger, "log_trajectory_point"):
-                        logger.log_trajectory_point(ref.step, res)
+                        logger.log_trajectory_point(ref.step, res, metrics=extra_by_id.get(cid))
     bar.close()
     items = []
     for ref in refs:
@@ -225,4 +244,4 @@ def llc_trajectory(
                                                         warn=False)))
     if not items:
         raise CheckpointError("no checkpoint could be evaluated: " + "; ".join(failed.values()))
-    return Trajectory.from_results(items)
+    return Trajectory.from_results(items, extra_by_id)
