@@ -256,11 +256,24 @@ def _record_payloads(path: Path) -> Iterator[bytes]:
             pending = b""
 
 
-def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
+def read_offline_run(run_dir: str | Path, wait: float = 30.0) -> dict[str, Any]:
     """Parse an offline run (its ``run-*.wandb`` file) into ``{"history": [...], "summary": {...}, "config": {...}}``.
 
     History rows map keys (nested keys joined with "/") to decoded JSON values; summary and config likewise.
+    ``run.finish()`` can return before wandb's service process has written the whole file, so the file is re-read
+    (up to ``wait`` seconds) until the run's exit record is there.
     """
+    import time as _time
+
+    deadline = _time.monotonic() + wait
+    while True:
+        out = _read_offline_once(run_dir)
+        if out.pop("_complete") or _time.monotonic() > deadline:
+            return out
+        _time.sleep(0.2)
+
+
+def _read_offline_once(run_dir: str | Path) -> dict[str, Any]:
     from wandb.proto import wandb_internal_pb2
 
     run_dir = Path(run_dir)
@@ -271,10 +284,13 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
     def key(item: Any) -> str:
         return "/".join(item.nested_key) if item.nested_key else item.key
 
-    out: dict[str, Any] = {"history": [], "summary": {}, "config": {}}
+    out: dict[str, Any] = {"history": [], "summary": {}, "config": {}, "_complete": False}
     for payload in _record_payloads(files[0]):
         rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(payload)
+        try:
+            rec.ParseFromString(payload)
+        except Exception:  # noqa: BLE001 - a record still being written: the caller re-reads
+            break
         which = rec.WhichOneof("record_type")
         if which == "history":
             out["history"].append({key(i): json.loads(i.value_json) for i in rec.history.item})
@@ -284,4 +300,6 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
             out["config"].update({key(i): json.loads(i.value_json) for i in rec.config.update})
         elif which == "run":
             out["config"].update({key(i): json.loads(i.value_json) for i in rec.run.config.update})
+        elif which == "exit":
+            out["_complete"] = True
     return out
