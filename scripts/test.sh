@@ -5,4 +5,6 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/bootstrap.sh"
 cd "$root"
 export WANDB_MODE=offline WANDB_SILENT=true MPLBACKEND=Agg
+# one intra-op thread: the test models are tiny, and on a busy 2-core machine extra OpenMP threads oversubscribe it
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec "$root/.venv/bin/python" -m pytest "$@"
