@@ -1,5 +1,6 @@
 """Benchmark: an LLC sweep over 50 checkpoints of a small model — single process vs ``torchrun`` with 2 processes,
-and the overhead of the resumable results store (sweep with vs without a store).
+and the overhead of the resumable results store: measured directly (time spent inside the store's methods, as a
+fraction of the sweep) and as the difference of interleaved sweeps with and without a store (noisier).
 
     python experiments/bench_trajectory.py [--out experiments/results/bench_trajectory.json]
 """
@@ -23,16 +24,37 @@ sys.path.insert(0, str(FIX.parent))
 import tiny_problem as tp  # noqa: E402
 
 import slt_tools as slt  # noqa: E402
+from slt_tools.trajectory.store import ResultsStore  # noqa: E402
 
 warnings.simplefilter("ignore")
 KW = {**tp.LLC_KW, "num_chains": 8, "num_draws": 300}
 
 
-def sweep(ckpts: Path, results: Path | None) -> float:
+STORE_TIME = [0.0]
+
+
+def _timed(fn):
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            STORE_TIME[0] += time.perf_counter() - t0
+    return wrapper
+
+
+# time spent inside the store itself (opening/validating, serialising, write + fsync of every unit)
+ResultsStore.__init__ = _timed(ResultsStore.__init__)
+ResultsStore.append = _timed(ResultsStore.append)
+
+
+def sweep(ckpts: Path, results: Path | None) -> tuple[float, float]:
+    """(wall time of the sweep, seconds of it spent inside the results store)."""
+    STORE_TIME[0] = 0.0
     t0 = time.perf_counter()
     slt.llc_trajectory(ckpts, tp.make_model, tp.make_loader(), tp.loss_fn, results=results, progress=False,
                        on_divergence="exclude", chain_chunk_size=4, **KW)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, STORE_TIME[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,8 +71,14 @@ def main(argv: list[str] | None = None) -> int:
         src.rename(ckpts / f"ckpt_{i:03d}.safetensors.tmp")
     for f in ckpts.glob("*.tmp"):
         f.rename(f.with_suffix(""))
-    no_store = min(sweep(ckpts, None) for _ in range(2))
-    with_store = min(sweep(ckpts, tmp / f"s{i}.jsonl") for i in range(2))
+    sweep(ckpts, None)  # warm-up (imports, allocator, caches)
+    runs_without, runs_with, store_s = [], [], []
+    for i in range(3):  # interleaved, so drifting machine load hits both alike
+        runs_without.append(sweep(ckpts, None)[0])
+        wall, inside = sweep(ckpts, tmp / f"s{i}.jsonl")
+        runs_with.append(wall)
+        store_s.append(inside)
+    no_store, with_store = min(runs_without), min(runs_with)
     script = tmp / "run.py"
     script.write_text(
         "import sys, warnings; warnings.simplefilter('ignore')\n"
@@ -69,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"checkpoints": 50, "chains": KW["num_chains"], "draws": KW["num_draws"], "chain_chunk_size": 4,
               "single_process_no_store_s": no_store, "single_process_with_store_s": with_store,
               "store_overhead_fraction": (with_store - no_store) / no_store,
+              "store_time_inside_s": store_s, "store_time_fraction": min(store_s) / with_store,
+              "runs_without_store_s": runs_without, "runs_with_store_s": runs_with,
               "torchrun_2_processes_s": two, "speedup_2_processes": with_store / two,
               "distributed_equals_single": bool((abs(single_store.llc_mean - dist_store.llc_mean) <= 1e-9
                                                   * (1 + abs(single_store.llc_mean))).all()),

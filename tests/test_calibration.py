@@ -33,9 +33,12 @@ def test_dln_calibrates_within_tolerance():
     res = _auto(model, teacher_loader(model, 50000, 500, 9))
     assert abs(res.llc_mean - 14.5) < 0.1 * 14.5, res
     chosen = res.diagnostics["calibration"]
-    final = res.hyperparameters["num_chains"] * (res.hyperparameters["num_draws"]
-                                                  + res.hyperparameters["num_burnin_steps"])
-    assert chosen["sgld_steps"] <= final  # calibration costs at most one final estimate (in SGLD steps)
+    final = res.hyperparameters["num_draws"] + res.hyperparameters["num_burnin_steps"]
+    # calibration costs at most one final estimate, in sequential SGLD steps of at most as many chains
+    assert chosen["sgld_steps"] <= final
+    probe = res.diagnostics["overdispersed_probe"]  # chains from away from w* reach the same answer
+    assert probe["agrees"] and res.diagnostics["converged"]
+    assert abs(probe["llc_mean"] - 14.5) < 0.15 * 14.5
 
 
 def test_user_fixed_values_are_kept():
@@ -59,3 +62,27 @@ class Repeller(nn.Module):
 def test_all_candidates_failing_is_an_error_not_a_number():
     with pytest.raises(CalibrationError, match="no \\(lr, localization\\) setting passed"):
         _auto(Repeller(), dummy_loader(1000), loss=lambda m, b: m())
+
+
+def test_degenerate_point_is_flagged_not_answered():
+    """DLN (4,4,4,4) with every layer cut to rank 1: the local λ is at least Aoyagi's global 13/2, but the flat
+    directions relax far slower than any affordable run, so chains from w* underestimate it. The overdispersed probe
+    (chains started away from w*) must disagree, and the estimate must be reported as not converged, with a warning."""
+    from slt_tools.models import DeepLinearNetwork
+
+    gen = torch.Generator().manual_seed(0)
+    model = DeepLinearNetwork((4, 4, 4, 4))
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.weight.copy_(torch.randn(4, 1, generator=gen) @ torch.randn(1, 4, generator=gen))
+    x = torch.randn(10_000, 4, generator=gen)
+    with torch.no_grad():
+        y = model(x)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=500, shuffle=True)
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        res = slt.estimate_llc(model, loader, mse, num_chains=4, num_draws=300, seed=0)
+    assert not res.diagnostics["converged"]
+    probe = res.diagnostics["overdispersed_probe"]
+    assert not probe["agrees"] and probe["llc_mean"] > res.llc_mean  # chains from outside stay above
+    assert res.llc_mean < 6.5  # (the underestimate that must not pass as an answer)
+

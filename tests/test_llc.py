@@ -52,9 +52,10 @@ def test_dln_local_learning_coefficient(cut, truth):
     model = dln_at((9, 4, 6), 1, cut)
     assert jacobian_rank_half(model) == truth
     loader = teacher_loader(model, 50000, 500, 9)
-    res = quiet_llc(model, loader, mse, num_chains=4, num_draws=3000, num_burnin_steps=1500, lr=5e-6,
+    res = quiet_llc(model, loader, mse, num_chains=8, num_draws=3000, num_burnin_steps=1500, lr=5e-6,
                     localization=1.0, seed=0)
-    assert abs(res.llc_mean - truth) < 0.08 * truth, res
+    # per-chain scatter is ≈ 1.3 here: the bound is 8 % or 3 standard errors of the 8-chain mean, whichever is larger
+    assert abs(res.llc_mean - truth) < max(0.08 * truth, 3 * res.llc_sem), res
 
 
 def test_restricted_llc_is_the_submodel_truth():
@@ -232,3 +233,52 @@ def test_bad_input_errors(small_problem):
             slt.estimate_llc(model, loader, mse, **{**base, **bad})
     with pytest.raises(ValueError, match="sampler"):
         slt.estimate_llc(model, loader, mse, **base, sampler="hmc")
+
+
+def test_tensor_dataset_fast_path_matches_batchwise_cache(small_problem):
+    """A DataLoader over a TensorDataset is cached from the dataset's tensors directly; any other loader over the
+    same data is cached batch by batch. Both must give bit-identical chains (and honour drop_last)."""
+    model, loader = small_problem
+    x, y = loader.dataset.tensors
+    kw = dict(num_chains=2, num_draws=40, lr=1e-4, localization=10.0, seed=1)
+    fast = quiet_llc(model, DataLoader(TensorDataset(x, y), batch_size=100, shuffle=True), mse, **kw)
+    pairs = [(x[i], y[i]) for i in range(len(x))]  # a plain list dataset: batches collated one by one
+    slow = quiet_llc(model, DataLoader(pairs, batch_size=100, shuffle=True), mse, **kw)
+    np.testing.assert_array_equal(fast.loss_trace, slow.loss_trace)
+    assert fast.init_loss == slow.init_loss
+    dropped = quiet_llc(model, DataLoader(TensorDataset(x[:1050], y[:1050]), batch_size=100, drop_last=True), mse,
+                        **kw)
+    assert dropped.hyperparameters["num_samples"] == 1000
+
+
+def test_overdispersed_start_contracts_and_is_reproducible(small_problem):
+    """init_spread > 0: chains start away from w* (no farther than s·u), the first drift step contracts, the start
+    is a function of (seed, chain) alone, and burn-in brings the chains back to the same λ̂ as chains from w*."""
+    from slt_tools.sampling.engine import NoisePool, overdispersed_start
+    from slt_tools.sampling.functional import BatchedLossGrad, FlatParams, make_loss
+    from slt_tools.sampling.samplers import Sampler
+
+    model, loader = small_problem
+    kw = dict(num_chains=4, num_draws=400, num_burnin_steps=400, lr=1e-4, localization=10.0, seed=2)
+    a = quiet_llc(model, loader, mse, init_spread=0.3, **kw)
+    b = quiet_llc(model, loader, mse, init_spread=0.3, **{**kw, "chain_ids": [2, 3]})
+    np.testing.assert_allclose(b.loss_trace, a.loss_trace[2:], rtol=1e-5, atol=1e-9)
+    dist = np.array(a.diagnostics["start_distance"])
+    assert (dist > 0).all() and a.hyperparameters["init_spread"] == 0.3
+    inside = quiet_llc(model, loader, mse, **kw)
+    assert abs(a.llc_mean - inside.llc_mean) < 3 * math.hypot(a.llc_sem, inside.llc_sem) + 0.1 * inside.llc_mean
+
+    names = [n for n, _ in model.named_parameters()]
+    layout = FlatParams.from_model(model, names)
+    theta0 = layout.flatten(model)
+    grad = BatchedLossGrad(make_loss(model, layout, mse))
+    batch = next(iter(loader))
+    sampler = Sampler("sgld", lr=1e-2, localization=1.0, nbeta=1e4)  # a step far too large for a far start
+    u = NoisePool([0, 1, 2], 0, theta0.numel(), theta0.device, theta0.dtype)().clone() * 3.0
+    start = overdispersed_start(grad, theta0, batch, sampler, u)
+    disp = start - theta0
+    _, g = grad(start, batch)
+    assert (disp.norm(dim=1) < u.norm(dim=1)).all()  # shrunk …
+    assert (sampler.first_move(start, theta0, g) <= 0.5 * disp.norm(dim=1)).all()  # … until the first step contracts
+    with pytest.raises(ValueError, match="init_spread"):
+        slt.estimate_llc(model, loader, mse, lr=1e-4, localization=1.0, init_spread=-1.0)

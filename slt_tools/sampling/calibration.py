@@ -21,7 +21,9 @@ The rule (documented in docs/calibration.md, with the measurements behind it):
    is extended (×2, up to ``max_extensions`` times); if it never settles, ``diagnostics["converged"]`` is False and a
    warning says so — slowly relaxing, highly degenerate points are reported, not passed off as answers.
 
-Calibration cost: pilots share the budget ``budget_fraction`` × (cost of the final estimate) and stop early.
+Calibration cost: pilots (at most ``num_chains`` chains each, so a pilot step costs at most a final step) share a
+budget of ``budget_fraction`` × (sequential steps of the final estimate) and stop early; ``Calibration.sgld_steps``
+counts the sequential steps spent.
 """
 from __future__ import annotations
 
@@ -92,7 +94,7 @@ def calibrate_llc(
     max_lr: float = 1e-2,
     min_lr: float = 1e-9,
     step: float = 3.0,
-    pilot_chains: int = 2,
+    pilot_chains: int = 4,
     pilot_steps: int | None = None,
     min_acceptance: float = 0.95,
     plateau_tol: float = 0.05,
@@ -109,9 +111,11 @@ def calibrate_llc(
     t0 = time.perf_counter()
     lrs = [lr] if lr is not None else list(max_lr / step ** np.arange(0, int(math.log(max_lr / min_lr, step)) + 1))
     gs = [localization] if localization is not None else list(gammas)
-    final_cost = num_chains * max(num_draws, 200)
-    budget = budget_fraction * final_cost
-    steps = pilot_steps or int(max(150, min(2000, budget / (pilot_chains * 6))))
+    # cost is counted in sequential SGLD steps: chains advance together, so a step of ≤ num_chains pilot chains costs
+    # at most one step of the final run (for small models, where per-step overhead dominates, about the same)
+    pilot_chains = max(1, min(pilot_chains, num_chains))
+    budget = budget_fraction * max(num_draws, 200)
+    steps = pilot_steps or int(max(100, min(2000, budget / 6)))
     common = dict(nbeta=nbeta, nbeta_convention=nbeta_convention, sampler=sampler, restrict_to=restrict_to,
                   seed=seed + 7919, device=device, vectorize=vectorize, num_chains=pilot_chains,
                   on_divergence="exclude", mala_every=10)
@@ -125,7 +129,7 @@ def calibrate_llc(
             warnings.simplefilter("ignore")
             try:
                 # cheap screen first (60 steps, MALA every 3): most bad step sizes fail here
-                spent += pilot_chains * 60
+                spent += 60
                 screen = estimate_llc(model, loader, loss_fn, lr=eps, localization=gamma, num_draws=60,
                                       **{**common, "mala_every": 3})
                 why = _verdict(screen, min_acceptance)
@@ -133,7 +137,7 @@ def calibrate_llc(
                     candidates.append({"lr": eps, "localization": gamma, "verdict": f"rejected (screen): {why}",
                                        "mala_acceptance": screen.diagnostics.get("mala_acceptance")})
                     return None, why
-                spent += pilot_chains * (length + burn)
+                spent += length + burn
                 res = estimate_llc(model, loader, loss_fn, lr=eps, localization=gamma, num_draws=length,
                                    num_burnin_steps=burn, **common)
             except LLCDivergenceError as exc:

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torch.utils.data._utils.collate import default_collate
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -30,6 +31,18 @@ def _in_order(loader: Any) -> Any:
         return DataLoader(loader.dataset, batch_size=loader.batch_size or 1, shuffle=False,
                           collate_fn=loader.collate_fn, num_workers=0)
     return loader
+
+
+def _tensor_dataset_leaves(loader: Any) -> list[torch.Tensor] | None:
+    """The tensors of a ``DataLoader`` over a ``TensorDataset`` with the default collate (whose batches are lists of
+    the dataset's tensors, sliced) — read directly instead of batch by batch; None for anything else."""
+    if not (isinstance(loader, DataLoader) and type(loader.dataset) is TensorDataset
+            and loader.collate_fn is default_collate):
+        return None
+    tensors = list(loader.dataset.tensors)
+    if not tensors or any(x.ndim == 0 for x in tensors):
+        return None
+    return tensors
 
 
 def batch_size_of(batch: Any) -> int:
@@ -58,6 +71,18 @@ class BatchStream:
 
     @classmethod
     def from_loader(cls, loader: Any, device: torch.device, max_cache_bytes: float = 2e9) -> BatchStream:
+        direct = _tensor_dataset_leaves(loader)
+        if direct is not None and sum(x.numel() * x.element_size() for x in direct) <= max_cache_bytes:
+            n = direct[0].shape[0]
+            if n == 0:
+                raise ValueError("the data loader is empty: its TensorDataset has no samples")
+            if any(x.shape[0] != n for x in direct):
+                raise ValueError(f"TensorDataset tensors have differing leading sizes {[x.shape[0] for x in direct]}")
+            m = int(min(loader.batch_size or 1, n))
+            if loader.drop_last:  # as the loader does: the incomplete last batch is not part of the data
+                n = (n // m) * m
+                direct = [x[:n] for x in direct]
+            return cls(n, m, True, [x.to(device) for x in direct], tree_flatten(list(direct))[1], loader, device)
         source = _in_order(loader)
         batches = []
         total_bytes = 0
@@ -115,13 +140,14 @@ class BatchStream:
             for i in range(per_epoch):
                 yield self._take(perm[i * m : (i + 1) * m])
 
-    def full_batches(self) -> Iterator[tuple[Any, int]]:
-        """The whole data set once, as (batch, size) pairs."""
+    def full_batches(self, batch_factor: int = 1) -> Iterator[tuple[Any, int]]:
+        """The whole data set once, as (batch, size) pairs; a cached set in batches of ``batch_factor``·m samples
+        (fewer forward passes for L_n(w*); memory grows with the factor, so keep it modest)."""
         if not self.cached:
             for batch in self._loader:
                 yield to_device(batch, self._device), batch_size_of(batch)
             return
-        n, m = self.num_samples, self.batch_size
+        n, m = self.num_samples, self.batch_size * max(1, int(batch_factor))
         for i in range(math.ceil(n / m)):
             idx = torch.arange(i * m, min((i + 1) * m, n), device=self._device)
             yield self._take(idx), int(idx.numel())

@@ -23,12 +23,13 @@ class FunctionalModel:
     """Callable stand-in for ``model`` whose forward uses the given tensors; other attributes come from ``model``,
     so a user's ``loss_fn(model, batch)`` works unchanged."""
 
-    def __init__(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    def __init__(self, model: nn.Module, tensors: dict[str, torch.Tensor], tie_weights: bool = True) -> None:
         self._model = model
         self._tensors = tensors
+        self._tie_weights = tie_weights
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return functional_call(self._model, self._tensors, args, kwargs)
+        return functional_call(self._model, self._tensors, args, kwargs, tie_weights=self._tie_weights)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
@@ -100,9 +101,12 @@ class FlatParams:
 
 def make_loss(model: nn.Module, layout: FlatParams, loss_fn: LossFn) -> Callable[[torch.Tensor, Any], torch.Tensor]:
     """θ, batch ↦ L_B(θ), the user's scalar minibatch loss at the flat parameters θ."""
+    # untying shared parameters costs a pass over the module tree on every call: skip it when nothing is shared
+    tied = (len(list(model.named_parameters(remove_duplicate=False))) != len(list(model.named_parameters()))
+            or len(list(model.named_buffers(remove_duplicate=False))) != len(list(model.named_buffers())))
 
     def loss_at(theta: torch.Tensor, batch: Any) -> torch.Tensor:
-        return loss_fn(FunctionalModel(model, layout.unflatten(theta)), batch)
+        return loss_fn(FunctionalModel(model, layout.unflatten(theta), tie_weights=tied), batch)
 
     return loss_at
 

@@ -70,6 +70,16 @@ class Sampler:
             return None
         return 1.0 / (self.state["V"].sqrt() + self.eps)
 
+    def first_move(self, theta: torch.Tensor, theta0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """Per-chain length of the noise-free part of a first step from fresh state at θ:
+        (ε/2)‖G⊙∇U‖ (G = 1 for SGLD, the RMSProp preconditioner after one update from V = 0), ε‖∇U‖ for SGNHT."""
+        drift = self.drift(theta, theta0, grad)
+        if self.kind == "sgnht":
+            return self.lr * drift.norm(dim=1)
+        if self.kind == "rmsprop_sgld":
+            drift = drift / (math.sqrt(1.0 - self.alpha) * grad.abs() + self.eps)
+        return 0.5 * self.lr * drift.norm(dim=1)
+
     def step(self, theta: torch.Tensor, theta0: torch.Tensor, grad: torch.Tensor, noise: torch.Tensor) -> None:
         """One in-place update of all chains."""
         drift = self.drift(theta, theta0, grad)

@@ -138,7 +138,9 @@ def llc_trajectory(
         model_factory: builds an (untrained) model of the right architecture; each checkpoint is loaded into it.
         results: optional JSONL results store; finished units are skipped on re-runs.
         on_error: "skip" (report an unreadable or mismatching checkpoint and continue) or "raise".
-        chain_chunk_size: chains per work unit (the unit of resumption and of sharding across ranks).
+        chain_chunk_size: chains per work unit (the unit of resumption and of sharding across ranks); with automatic
+            calibration (lr or localization unset) every unit is a whole checkpoint, since the convergence checks need
+            all its chains.
         logger: object with ``log_trajectory_point(step, result, metrics)`` (e.g. ``WandbLogger``), called on rank 0.
         metrics: optional ``model -> {name: value}`` evaluated once per checkpoint beside the LLC and stored with it,
             e.g. ``lambda m: slt_tools.geometry.hessian_summary(m, loader, loss_fn)`` for sharpness and trace.
@@ -154,6 +156,10 @@ def llc_trajectory(
     if num_chains < 1:
         raise ValueError(f"num_chains must be positive, got {num_chains}")
     chunk = int(chain_chunk_size or num_chains)
+    if llc_kwargs.get("lr") is None or llc_kwargs.get("localization") is None:
+        # self-calibrated estimates decide convergence (extensions, overdispersed probe) on all chains together:
+        # shard by checkpoint only
+        chunk = num_chains
     blocks = [tuple(range(i, min(i + chunk, num_chains))) for i in range(0, num_chains, chunk)]
     rank, world = _dist()
     if world > 1 and "device" not in llc_kwargs:
