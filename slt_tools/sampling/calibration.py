@@ -115,7 +115,7 @@ def calibrate_llc(
     # at most one step of the final run (for small models, where per-step overhead dominates, about the same)
     pilot_chains = max(1, min(pilot_chains, num_chains))
     budget = budget_fraction * max(num_draws, 200)
-    steps = pilot_steps or int(max(100, min(2000, budget / 6)))
+    steps = pilot_steps or int(max(100, min(2000, budget / 8)))  # pilots total ≈ 5.3 × steps, plus 60-step screens
     common = dict(nbeta=nbeta, nbeta_convention=nbeta_convention, sampler=sampler, restrict_to=restrict_to,
                   seed=seed + 7919, device=device, vectorize=vectorize, num_chains=pilot_chains,
                   on_divergence="exclude", mala_every=10)
