@@ -143,6 +143,14 @@ def speed(quick: bool, chains: int, peak: float) -> list[dict]:
         t0 = time.perf_counter()
         slt.estimate_llc(model, loader, lf, **kw)
         t_slt = time.perf_counter() - t0
+        # compile=True: the first call compiles (timed separately, it is paid once per process, model class and
+        # chain count); later calls on any instance of the model reuse the graph — that steady state is timed
+        t0 = time.perf_counter()
+        warm = slt.estimate_llc(model, loader, lf, compile=True, **{**kw, "num_draws": 5})
+        t_compile = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        slt.estimate_llc(model, loader, lf, compile=True, **kw)
+        t_comp = time.perf_counter() - t0
         cached = [tuple(t[i:i + bs] for t in data) for i in range(0, n - bs + 1, bs)]
         t_plain = plain_loop(model, lambda ld=loader: iter(ld), lf, chains, steps, prob["lr"], prob["gamma"], nbeta)
         t_cached = plain_loop(model, lambda c=cached: iter(c), lf, chains, steps, prob["lr"], prob["gamma"], nbeta)
@@ -154,7 +162,13 @@ def speed(quick: bool, chains: int, peak: float) -> list[dict]:
                "speedup_vs_devinterp": None if t_dev is None else t_dev / t_slt,
                "speedup_vs_plain_loop": t_plain / t_slt, "speedup_vs_plain_cached": t_cached / t_slt,
                "slt_steps_per_s": chains * steps / t_slt, "slt_flops_per_s": flops / t_slt,
-               "fraction_of_matmul_peak": flops / t_slt / peak}
+               "fraction_of_matmul_peak": flops / t_slt / peak,
+               "compiled": bool(warm.diagnostics["compiled"]), "first_compiled_call_s": t_compile,
+               "slt_tools_compiled_s": t_comp,
+               "compiled_speedup_vs_devinterp": None if t_dev is None else t_dev / t_comp,
+               "compiled_speedup_vs_plain_loop": t_plain / t_comp,
+               "compiled_speedup_vs_plain_cached": t_cached / t_comp,
+               "compiled_fraction_of_matmul_peak": flops / t_comp / peak}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

@@ -282,3 +282,14 @@ def test_overdispersed_start_contracts_and_is_reproducible(small_problem):
     assert (sampler.first_move(start, theta0, g) <= 0.5 * disp.norm(dim=1)).all()  # … until the first step contracts
     with pytest.raises(ValueError, match="init_spread"):
         slt.estimate_llc(model, loader, mse, lr=1e-4, localization=1.0, init_spread=-1.0)
+
+
+def test_compiled_steps_match_eager(small_problem):
+    """compile=True runs loss and gradient through torch.compile: the same chains to float rounding."""
+    model, loader = small_problem
+    kw = dict(num_chains=3, num_draws=40, lr=1e-4, localization=10.0, seed=0)
+    eager = quiet_llc(model, loader, mse, **kw)
+    compiled = quiet_llc(model, loader, mse, compile=True, **kw)
+    assert compiled.diagnostics["compiled"], compiled.diagnostics["compile_error"]
+    np.testing.assert_allclose(compiled.loss_trace, eager.loss_trace, rtol=1e-4, atol=1e-7)
+    assert compiled.llc_mean == pytest.approx(eager.llc_mean, rel=1e-3)

@@ -173,7 +173,7 @@ def combine_results(parts: Sequence[LLCResult], on_divergence: str = "raise", wa
     trace = np.concatenate([p.loss_trace for p in parts])[order]
     mala_parts = [p.diagnostics["per_chain"].get("mala_acceptance") for p in parts]
     mala = None if any(m is None for m in mala_parts) else np.concatenate(mala_parts)[order]
-    keep = ("vectorized", "fallback_reason", "device")
+    keep = ("vectorized", "fallback_reason", "device", "compiled")
     extra = {k: parts[0].diagnostics[k] for k in keep if k in parts[0].diagnostics}
     extra["wall_time_s"] = float(sum(p.diagnostics.get("wall_time_s", 0.0) for p in parts))
     return summarize(trace, parts[0].init_loss, {**hp, "num_chains": len(ids)}, ids, mala, on_divergence, extra,
@@ -273,6 +273,7 @@ def estimate_llc(
     max_extensions: int = 2,
     init_spread: float = 0.0,
     convergence_probe: bool = True,
+    compile: bool = False,
 ) -> LLCResult:
     """Estimate the LLC λ̂(w*) of ``model`` at its current weights w* (see module docstring for the math).
 
@@ -304,6 +305,9 @@ def estimate_llc(
             u_c ~ N(0, (s²/γ)·I) and s_c ≤ 1 halved until the first drift step contracts (see
             :func:`slt_tools.sampling.engine.overdispersed_start`): with s = 1 the start is overdispersed relative to
             the localised posterior, so such chains approach it from outside. Use burn-in to let them relax.
+        compile: run each step's vmapped loss and gradient through ``torch.compile`` (same results to float
+            rounding; measured 2.6× faster per step on a 400-parameter DLN with 8 chains, but compiling takes ~20 s
+            per model and chain count, so use it for long runs; falls back to eager mode if compilation fails).
         convergence_probe: with automatic calibration, also run ``min(max(2, num_chains // 2), 8)`` chains from an
             overdispersed start (``init_spread=PROBE_SPREAD`` = 0.3, independent chain ids) for the same length;
             the estimate counts as converged only if they agree with the chains from w* (within 10 % or 3 standard
@@ -320,7 +324,7 @@ def estimate_llc(
                       sampler=sampler, sampler_kwargs=sampler_kwargs, restrict_to=restrict_to, seed=seed,
                       chain_ids=chain_ids, chain_chunk_size=chain_chunk_size, device=device, vectorize=vectorize,
                       mala_every=mala_every, explode_threshold=explode_threshold, on_divergence=on_divergence,
-                      progress=progress)
+                      progress=progress, compile=compile)
         draws, burnin = max(num_draws, calib.num_draws), max(num_burnin_steps, calib.num_burnin_steps)
         pilot = [c for c in calib.candidates if c["lr"] == calib.lr and c.get("llc_mean") is not None]
         previous = (pilot[-1]["llc_mean"], pilot[-1]["llc_sem"] or 0.0) if pilot else None
@@ -433,7 +437,7 @@ def estimate_llc(
     def make_sampler() -> Sampler:
         return Sampler(sampler, float(lr), float(localization), float(nbeta), **(sampler_kwargs or {}))
 
-    loss_grad = BatchedLossGrad(loss_at, vectorize=vectorize)
+    loss_grad = BatchedLossGrad(loss_at, vectorize=vectorize, compile=compile)
     chunk = chain_chunk_size or len(ids)
     start = time.perf_counter()
     outputs: list[ChainOutput] = []
@@ -451,7 +455,11 @@ def estimate_llc(
     mala = None
     if outputs[0].mala_count:
         mala = torch.cat([o.mala_sum / max(o.mala_count, 1) for o in outputs]).double().cpu().numpy()
+    if compile and not loss_grad.compiled:
+        warnings.warn(f"torch.compile failed ({loss_grad.compile_error}); ran eagerly instead (same result)",
+                      RuntimeWarning, stacklevel=2)
     extra = dict(vectorized=loss_grad.vectorized, fallback_reason=loss_grad.fallback_reason, device=str(dev),
+                 compiled=loss_grad.compiled, compile_error=loss_grad.compile_error,
                  wall_time_s=wall, data_cached=data.cached, steps_run=min(o.steps_run for o in outputs))
     if init_spread > 0:
         extra["start_distance"] = torch.cat([o.start_distance for o in outputs]).double().cpu().tolist()
