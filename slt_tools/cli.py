@@ -69,13 +69,15 @@ def main() -> None:
 @click.option("--chain-chunk-size", type=int, default=None, help="chains per work unit (resume/shard granularity)")
 @click.option("--on-error", type=click.Choice(["skip", "raise"]), default="skip", show_default=True,
               help="what to do with an unreadable or mismatching checkpoint")
+@click.option("--compile/--no-compile", "use_compile", default=False, show_default=True,
+              help="torch.compile each SGLD step: a one-off compile, then 2-3x faster steps (worth it for sweeps)")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), default=None, help="also write a CSV")
 @click.option("--wandb/--no-wandb", "use_wandb", default=False, show_default=True,
               help="log to Weights & Biases (offline unless WANDB_MODE says otherwise)")
 def llc(checkpoints: str, model_spec: str, data_spec: str, loss_spec: str, out: Path, num_chains: int,
         num_draws: int, num_burnin_steps: int, lr: float | None, localization: float | None, nbeta: float | None,
-        sampler: str, seed: int, chain_chunk_size: int | None, on_error: str, csv_path: Path | None,
-        use_wandb: bool) -> None:
+        sampler: str, seed: int, chain_chunk_size: int | None, on_error: str, use_compile: bool,
+        csv_path: Path | None, use_wandb: bool) -> None:
     """Estimate the LLC at every checkpoint in CHECKPOINTS (a directory or a glob).
 
     Works unchanged under `torchrun --nproc_per_node=N slt-tools llc ...`: checkpoints and chain blocks are shared
@@ -88,7 +90,8 @@ def llc(checkpoints: str, model_spec: str, data_spec: str, loss_spec: str, out: 
     traj = slt.llc_trajectory(checkpoints, model_factory, data_factory(), loss_fn, results=out, on_error=on_error,
                               chain_chunk_size=chain_chunk_size, logger=logger, num_chains=num_chains,
                               num_draws=num_draws, num_burnin_steps=num_burnin_steps, lr=lr,
-                              localization=localization, nbeta=nbeta, sampler=sampler, seed=seed)
+                              localization=localization, nbeta=nbeta, sampler=sampler, seed=seed,
+                              compile=use_compile)
     if csv_path is not None:
         traj.to_csv(csv_path)
     if logger is not None:

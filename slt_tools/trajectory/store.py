@@ -3,9 +3,12 @@
 Line 1 is a header ``{"type": "header", "version": 1, "config": {...}}`` holding the run's hyperparameters and seed;
 every later line is one finished work unit ``{"type": "unit", "checkpoint": id, "step": s, "chains": [...],
 "result": LLCResult.to_dict()}`` — a unit is one checkpoint, or one block of its chains when chains are sharded.
-Each line is written with a single ``write`` followed by ``flush`` + ``fsync``, so a killed sweep loses at most the unit
-in progress. On opening, a truncated or corrupt line (a kill mid-write) is dropped with a warning and its unit is
-recomputed; the file is rewritten atomically without it. Opening an existing store with a different configuration
+Each line is written with a single ``write`` followed by ``flush``, so a killed process loses at most the unit in
+progress (flushed data is in the operating system's hands and survives the process). ``fsync`` — protection against
+an operating-system crash or power loss — runs at most every ``fsync_interval`` seconds (default 10) and in
+:meth:`ResultsStore.sync` at the end of a sweep: per-unit fsyncs measured 1–14 ms each on this project's VM disk, up to
+4 % of a fast sweep. On opening, a truncated or corrupt line (a kill mid-write) is dropped with a warning and its unit
+is recomputed; the file is rewritten atomically without it. Opening an existing store with a different configuration
 is refused: results computed with other hyperparameters must not be mixed.
 """
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,9 +32,12 @@ def _canonical(config: Mapping[str, Any]) -> dict[str, Any]:
 class ResultsStore:
     """A JSONL file of finished work units, keyed by (checkpoint id, chain ids)."""
 
-    def __init__(self, path: str | Path, config: Mapping[str, Any]) -> None:
+    def __init__(self, path: str | Path, config: Mapping[str, Any], fsync_interval: float = 10.0) -> None:
         self.path = Path(path)
         self.config = _canonical(config)
+        self.fsync_interval = float(fsync_interval)
+        self._last_sync = time.monotonic()
+        self._unsynced = False
         self.units: dict[tuple[str, tuple[int, ...]], dict[str, Any]] = {}
         if self.path.exists() and self.path.stat().st_size > 0:
             self._load()
@@ -81,9 +88,18 @@ class ResultsStore:
     def has(self, checkpoint: str, chains: tuple[int, ...]) -> bool:
         return (checkpoint, tuple(chains)) in self.units
 
+    def sync(self) -> None:
+        """fsync the store file (called at the end of a sweep; appends fsync at most every ``fsync_interval`` s)."""
+        if self._unsynced and self.path.exists():
+            with open(self.path, "a", encoding="utf-8") as f:
+                os.fsync(f.fileno())
+        self._unsynced = False
+        self._last_sync = time.monotonic()
+
     def append(self, checkpoint: str, step: int, chains: tuple[int, ...], result: Mapping[str, Any],
                metrics: Mapping[str, float] | None = None) -> None:
-        """Durably append one finished unit (single write + fsync)."""
+        """Append one finished unit: a single write + flush (safe against the process being killed), fsync at most
+        every ``fsync_interval`` seconds."""
         rec = {"type": "unit", "checkpoint": checkpoint, "step": int(step), "chains": list(chains),
                "result": dict(result)}
         if metrics:
@@ -92,7 +108,12 @@ class ResultsStore:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
-            os.fsync(f.fileno())
+            if time.monotonic() - self._last_sync >= self.fsync_interval:
+                os.fsync(f.fileno())
+                self._last_sync = time.monotonic()
+                self._unsynced = False
+            else:
+                self._unsynced = True
         self.units[(checkpoint, tuple(chains))] = rec
 
     @staticmethod

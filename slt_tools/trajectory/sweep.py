@@ -166,7 +166,7 @@ def llc_trajectory(
         dev = _default_device(world)
         if dev is not None:
             llc_kwargs["device"] = dev
-    config = {"llc": {**{k: v for k, v in llc_kwargs.items() if k not in ("progress", "device")},
+    config = {"llc": {**{k: v for k, v in llc_kwargs.items() if k not in ("progress", "device", "compile")},
                       "num_chains": num_chains}, "chain_chunk_size": chunk}
     store = ResultsStore(results, config) if (results is not None and rank == 0) else None
     if world > 1:
@@ -241,6 +241,8 @@ def llc_trajectory(
                     if logger is not None and hasattr(logger, "log_trajectory_point"):
                         logger.log_trajectory_point(ref.step, res, metrics=extra_by_id.get(cid))
     bar.close()
+    if store is not None:
+        store.sync()
     items = []
     for ref in refs:
         parts = finished.get(ref.id, [])

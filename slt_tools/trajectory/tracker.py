@@ -54,7 +54,8 @@ class LLCTracker:
         num_chains = int(llc_kwargs.get("num_chains", 8))
         config = {"llc": {**{k: v for k, v in llc_kwargs.items() if k not in ("progress", "device")},
                           "num_chains": num_chains}, "chain_chunk_size": num_chains}
-        self.store = ResultsStore(results, config) if results is not None else None
+        # estimates during training are rare and costly: make each one durable at once
+        self.store = ResultsStore(results, config, fsync_interval=0.0) if results is not None else None
         self._chains = tuple(range(num_chains))
         self.history: list[tuple[int, LLCResult]] = []
 
