@@ -306,8 +306,9 @@ def estimate_llc(
             :func:`slt_tools.sampling.engine.overdispersed_start`): with s = 1 the start is overdispersed relative to
             the localised posterior, so such chains approach it from outside. Use burn-in to let them relax.
         compile: run each step's vmapped loss and gradient through ``torch.compile`` (same results to float
-            rounding; measured 2.6× faster per step on a 400-parameter DLN with 8 chains, but compiling takes ~20 s
-            per model and chain count, so use it for long runs; falls back to eager mode if compilation fails).
+            rounding; 2–3× faster steps on small models, see docs/benchmarks.md). The first call per process, model
+            class and chain count compiles (4–35 s measured here); later calls, on any instance of the model, reuse
+            the graph — so it pays for long runs and sweeps. Falls back to eager mode if compilation fails.
         convergence_probe: with automatic calibration, also run ``min(max(2, num_chains // 2), 8)`` chains from an
             overdispersed start (``init_spread=PROBE_SPREAD`` = 0.3, independent chain ids) for the same length;
             the estimate counts as converged only if they agree with the chains from w* (within 10 % or 3 standard
