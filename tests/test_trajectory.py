@@ -224,3 +224,17 @@ def test_geometry_metrics_recorded_beside_the_llc(ckpts, tmp_path):
     assert again.metrics == traj.metrics
     fig = plot_metrics_trajectory(traj, ["hessian/top_0", "hessian/trace"], path=tmp_path / "m.png")
     assert len(fig.axes) == 3 and (tmp_path / "m.png").stat().st_size > 5000
+
+
+def test_sweep_warns_once_per_kind_not_per_checkpoint(ckpts):
+    """The fixture's checkpoints are mid-training (λ̂ < 0 at every one): a sweep in chain blocks says so in one
+    warning per kind listing the steps, instead of repeating the estimator's warning per block and checkpoint."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traj = tp.sweep(ckpts, None, chain_chunk_size=2)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    negative = [m for m in messages if "λ̂ < 0" in m]
+    assert (traj.llc_mean < 0).all() and len(negative) == 1
+    assert f"at {len(traj)} of {len(traj)} checkpoints" in negative[0]
+    assert all(str(s) in negative[0] for s in traj.steps)
+    assert not any(m.startswith("λ̂ = ") for m in messages)  # no per-checkpoint copies

@@ -28,6 +28,20 @@ from slt_tools.trajectory.checkpoints import CheckpointError, CheckpointRef, dis
 from slt_tools.trajectory.store import ResultsStore
 
 
+def _warning_kind(message: str) -> str:
+    """Short label for an estimator warning, to group them over a sweep."""
+    kinds = (("< 0: w* is not a local minimum", "λ̂ < 0 (w* is not a local minimum)"),
+             ("has not settled", "LLC trace not settled"),
+             ("chains diverged", "some chains diverged (excluded)"),
+             ("did not converge", "self-calibrated estimate did not converge"),
+             ("could not be vmapped", "model not vmappable (chains looped)"),
+             ("torch.compile failed", "torch.compile failed (ran eagerly)"))
+    for needle, label in kinds:
+        if needle in message:
+            return label
+    return message.split(";")[0][:80]
+
+
 @dataclass
 class Trajectory:
     """LLC estimates along training, sorted by step. ``loss`` is L_n(w*) at each checkpoint."""
@@ -188,6 +202,8 @@ def llc_trajectory(
     bar = tqdm(total=len(refs), desc="LLC over checkpoints", unit="ckpt", disable=not progress or rank != 0)
     bar.update(sum(1 for r in refs if len(finished.get(r.id, [])) == len(blocks)))
 
+    notes_by_step: dict[int, list[str]] = {}
+
     def run_unit(ref: CheckpointRef, block: tuple[int, ...]) -> dict | None:
         try:
             model = model_factory()
@@ -197,8 +213,11 @@ def llc_trajectory(
                 raise
             return {"error": str(exc)}
         kw = {**llc_kwargs, "progress": False}
-        res = estimate_llc(model, loader, loss_fn, chain_ids=list(block), **kw)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = estimate_llc(model, loader, loss_fn, chain_ids=list(block), **kw)
         out = res.to_dict()
+        out["_warnings"] = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
         if metrics is not None and block[0] == 0:
             out["metrics"] = {k: float(v) for k, v in metrics(model).items()}
         return out
@@ -224,6 +243,10 @@ def llc_trajectory(
                         warnings.warn(f"skipping checkpoint: {d['error']}", RuntimeWarning, stacklevel=2)
                         bar.update(1)
                 continue
+            for msg in d.pop("_warnings", []):
+                kind = _warning_kind(msg)
+                if kind not in notes_by_step.setdefault(ref.step, []):
+                    notes_by_step[ref.step].append(kind)
             extra = d.pop("metrics", None)
             if extra is not None:
                 extra_by_id[cid] = extra
@@ -231,18 +254,35 @@ def llc_trajectory(
                 store.append(cid, ref.step, block, d, metrics=extra)
             finished.setdefault(cid, []).append(LLCResult.from_dict(d))
             if len(finished[cid]) == len(blocks):
-                res = combine_results(finished[cid], on_divergence=llc_kwargs.get("on_divergence", "raise"),
-                                      warn=len(blocks) > 1)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    res = combine_results(finished[cid], on_divergence=llc_kwargs.get("on_divergence", "raise"),
+                                          warn=len(blocks) > 1)
+                for w in caught:
+                    kind = _warning_kind(str(w.message))
+                    if kind not in notes_by_step.setdefault(ref.step, []):
+                        notes_by_step[ref.step].append(kind)
                 if rank == 0:
                     bar.update(1)
                     if progress:
+                        flags = notes_by_step.get(ref.step)
                         tqdm.write(f"step {ref.step}: λ̂ = {res.llc_mean:.4g} ± {res.llc_std:.2g}  "
-                                   f"(L_n(w*) = {res.init_loss:.4g})")
+                                   f"(L_n(w*) = {res.init_loss:.4g})" + (f"  [{'; '.join(flags)}]" if flags else ""))
                     if logger is not None and hasattr(logger, "log_trajectory_point"):
                         logger.log_trajectory_point(ref.step, res, metrics=extra_by_id.get(cid))
     bar.close()
     if store is not None:
         store.sync()
+    if rank == 0 and notes_by_step:
+        # one warning per kind for the whole sweep, not one per checkpoint (details stay in each result's diagnostics)
+        by_kind: dict[str, list[int]] = {}
+        for step, kinds in sorted(notes_by_step.items()):
+            for kind in kinds:
+                by_kind.setdefault(kind, []).append(step)
+        for kind, steps in by_kind.items():
+            shown = ", ".join(map(str, steps[:12])) + (", …" if len(steps) > 12 else "")
+            warnings.warn(f"{kind} at {len(steps)} of {len(refs)} checkpoints (steps {shown}); see each result's "
+                          "diagnostics", RuntimeWarning, stacklevel=2)
     items = []
     for ref in refs:
         parts = finished.get(ref.id, [])
