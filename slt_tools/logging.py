@@ -9,8 +9,8 @@ in-training :class:`slt_tools.LLCTracker`, and used directly for stages (``logge
 * **The user's run.** If a run is already active (``wandb.run``), everything goes into it; otherwise a new run is
   started on first use and finished by :meth:`finish`.
 * **Training step as x-axis.** Trajectory points are logged as ``{"train/step": step, "llc/mean": …}`` with
-  ``wandb.define_metric("llc/*", step_metric="train/step")`` and *without* ``step=``, so W&B's own step counter (which
-  the user's training loop may be driving) stays monotone.
+  ``wandb.define_metric("llc/*", step_metric="train/step")`` and *without* ``step=``; in a user's run also with
+  ``commit=False``, so W&B's own step counter (which the user's loop drives) is never advanced by us.
 * **Figures** are matplotlib PNGs saved under ``save_dir`` (so people without W&B get them too) and logged as images.
 * **W&B unavailable** (not installed, or ``wandb.init`` fails): one warning, then local results only.
 
@@ -109,7 +109,9 @@ class WandbLogger:
             f.write(json.dumps(plain) + "\n")
         run = self.run
         if run is not None:
-            run.log(dict(data))
+            # in a user's run, don't advance W&B's step counter: commit=False attaches our values to the user's
+            # current step (written with their next log, or at finish), so their step axis gets no phantom steps
+            run.log(dict(data), commit=None if self._owns_run else False)
 
     def _image(self, fig: Any, filename: str) -> Any:
         path = self.save_dir / filename

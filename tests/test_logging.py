@@ -87,6 +87,7 @@ def test_logs_into_the_users_active_run(wandb_env):
     history = read_offline_run(_run_dir(wandb_env))["history"]
     assert [h.get("train/step") for h in history if "llc/mean" in h] == [500]
     assert len([h for h in history if "train/loss" in h]) == 4
+    assert len(history) == 4  # the LLC point joined the user's next row: no phantom step in their step axis
 
 
 def test_wandb_unavailable_still_saves_locally(wandb_env, monkeypatch):
@@ -124,3 +125,22 @@ def test_chain_trace_figure():
     assert ax1.get_ylabel().startswith("minibatch loss") and ax1.get_xlabel() == "draw"
     assert len(ax1.lines) == 3 + 1 and np.isclose(ax1.lines[-1].get_ydata()[0], res.init_loss)
     assert "λ̂" in ax2.get_ylabel()
+
+
+def test_users_explicit_steps_are_not_disturbed(wandb_env):
+    """A loop logging with explicit consecutive steps loses nothing and gains no phantom steps when the tracker logs
+    in between (W&B drops a log whose step is below its counter)."""
+    import wandb
+
+    run = wandb.init(project="user", mode="offline", dir=str(wandb_env))
+    logger = WandbLogger(save_dir=wandb_env / "figs")
+    res = _estimate()
+    for step in range(4):
+        run.log({"train/loss": 1.0 / (step + 1)}, step=step)
+        if step == 1:
+            logger.log_trajectory_point(step, res)
+    run.finish()
+    history = read_offline_run(_run_dir(wandb_env))["history"]
+    assert [h["train/loss"] for h in history if "train/loss" in h] == pytest.approx([1.0, 0.5, 1 / 3, 0.25])
+    assert [h.get("train/step") for h in history if "llc/mean" in h] == [1]
+    assert [h["_step"] for h in history] == [0, 1, 2, 3]
