@@ -204,6 +204,11 @@ def llc_trajectory(
 
     notes_by_step: dict[int, list[str]] = {}
 
+    def note(step: int, message: str) -> None:
+        kinds = notes_by_step.setdefault(step, [])
+        if _warning_kind(message) not in kinds:
+            kinds.append(_warning_kind(message))
+
     def run_unit(ref: CheckpointRef, block: tuple[int, ...]) -> dict | None:
         try:
             model = model_factory()
@@ -244,9 +249,7 @@ def llc_trajectory(
                         bar.update(1)
                 continue
             for msg in d.pop("_warnings", []):
-                kind = _warning_kind(msg)
-                if kind not in notes_by_step.setdefault(ref.step, []):
-                    notes_by_step[ref.step].append(kind)
+                note(ref.step, msg)
             extra = d.pop("metrics", None)
             if extra is not None:
                 extra_by_id[cid] = extra
@@ -259,9 +262,7 @@ def llc_trajectory(
                     res = combine_results(finished[cid], on_divergence=llc_kwargs.get("on_divergence", "raise"),
                                           warn=len(blocks) > 1)
                 for w in caught:
-                    kind = _warning_kind(str(w.message))
-                    if kind not in notes_by_step.setdefault(ref.step, []):
-                        notes_by_step[ref.step].append(kind)
+                    note(ref.step, str(w.message))
                 if rank == 0:
                     bar.update(1)
                     if progress:
