@@ -284,12 +284,59 @@ def test_overdispersed_start_contracts_and_is_reproducible(small_problem):
         slt.estimate_llc(model, loader, mse, lr=1e-4, localization=1.0, init_spread=-1.0)
 
 
-def test_compiled_steps_match_eager(small_problem):
-    """compile=True runs loss and gradient through torch.compile: the same chains to float rounding."""
+@pytest.mark.parametrize("sampler", ["sgld", "rmsprop_sgld", "sgnht"])
+def test_compiled_steps_match_eager(small_problem, sampler):
+    """compile=True fuses loss, gradient and update rule into one graph: the same chains to float rounding, for every
+    rule, with MALA steps (which reuse the graph at the proposal) in between."""
     model, loader = small_problem
-    kw = dict(num_chains=3, num_draws=40, lr=1e-4, localization=10.0, seed=0)
+    kw = dict(num_chains=3, num_draws=40, lr=1e-4, localization=10.0, seed=0, sampler=sampler, mala_every=7)
     eager = quiet_llc(model, loader, mse, **kw)
     compiled = quiet_llc(model, loader, mse, compile=True, **kw)
     assert compiled.diagnostics["compiled"], compiled.diagnostics["compile_error"]
     np.testing.assert_allclose(compiled.loss_trace, eager.loss_trace, rtol=1e-4, atol=1e-7)
     assert compiled.llc_mean == pytest.approx(eager.llc_mean, rel=1e-3)
+    if sampler != "sgnht":
+        assert compiled.diagnostics["mala_acceptance"] == pytest.approx(eager.diagnostics["mala_acceptance"],
+                                                                        rel=1e-3)
+
+
+def test_compiled_graph_choice_survives_skipped_guards():
+    """Compiled loops skip torch.compile's guards after their first step: runs that alternate between models of one
+    class with other shapes, chain counts and step sizes must still pick the right graph (= the eager answer)."""
+    small, big = dln_at((4, 3, 4), 1, (1,)), dln_at((5, 4, 3, 5), 2, (1,))
+    problems = [(small, teacher_loader(small, 2000, 100, 4), 3, 1e-4), (big, teacher_loader(big, 1000, 50, 5), 2, 5e-5),
+                (small, teacher_loader(small, 2000, 100, 4), 2, 2e-4)]
+    for model, loader, chains, lr in problems + problems[:1]:
+        kw = dict(num_chains=chains, num_draws=30, lr=lr, localization=10.0, seed=1)
+        compiled = quiet_llc(model, loader, mse, compile=True, **kw)
+        np.testing.assert_allclose(compiled.loss_trace, quiet_llc(model, loader, mse, **kw).loss_trace,
+                                   rtol=1e-4, atol=1e-7)
+
+
+def test_guard_skipping_ends_with_the_loop(small_problem):
+    """The guard-skipping stance is scoped to the sampling loop, also when the loop is interrupted by an error."""
+    import torch._dynamo.eval_frame as eval_frame
+
+    from slt_tools.sampling.engine import run_chains
+    from slt_tools.sampling.functional import BatchedLossGrad, FlatParams, make_loss, select_parameters
+    from slt_tools.sampling.samplers import Sampler
+
+    model, loader = small_problem
+    layout = FlatParams.from_model(model, select_parameters(model))
+    loss_grad = BatchedLossGrad(make_loss(model, layout, mse), compile=True)
+    x, y = loader.dataset.tensors
+
+    def batches(fail_after):
+        for _ in range(fail_after):
+            yield x[:100], y[:100]
+        raise RuntimeError("data source broke")
+
+    def run(fail_after):
+        return run_chains(loss_grad, layout.flatten(model), batches(fail_after),
+                          lambda: Sampler("sgld", 1e-4, 10.0, 100.0), [0, 1], seed=0, num_draws=10, fixed_shapes=True)
+
+    assert run(20).steps_run == 10 and loss_grad.compiled
+    assert not eval_frame._stance.skip_guard_eval_unsafe
+    with pytest.raises(RuntimeError, match="data source broke"):
+        run(5)
+    assert not eval_frame._stance.skip_guard_eval_unsafe

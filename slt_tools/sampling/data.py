@@ -135,10 +135,15 @@ class BatchStream:
         gen = torch.Generator().manual_seed(int(seed))
         n, m = self.num_samples, self.batch_size
         per_epoch = n // m
+        chunk = 64  # batches gathered at once: one indexing call per leaf for 64 steps, the batches are views
         while True:
             perm = torch.randperm(n, generator=gen).to(self._device)
-            for i in range(per_epoch):
-                yield self._take(perm[i * m : (i + 1) * m])
+            for start in range(0, per_epoch, chunk):
+                stop = min(start + chunk, per_epoch)
+                assert self._leaves is not None
+                block = [x[perm[start * m : stop * m]] for x in self._leaves]
+                for i in range(stop - start):
+                    yield tree_unflatten([x[i * m : (i + 1) * m] for x in block], self._spec)
 
     def full_batches(self, batch_factor: int = 1) -> Iterator[tuple[Any, int]]:
         """The whole data set once, as (batch, size) pairs; a cached set in batches of ``batch_factor``·m samples

@@ -9,6 +9,7 @@ seeded by (seed, c) and all chains see the same seeded minibatch sequence, so a 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,15 +57,25 @@ class NoisePool:
         self.block = max(1, min(max_block, max_block_numel // max(dim, 1)))
         self.buf = torch.empty(len(self.gens), self.block, dim, device=device, dtype=dtype)
         self.i = self.block
+        self._index = torch.arange(self.block, device=device)
 
-    def __call__(self) -> torch.Tensor:
-        """Noise for the next step of every chain, shape (C, D) (a view into the pool: use before the next call)."""
+    def _advance(self) -> None:
         if self.i == self.block:
             for row, gen in zip(self.buf, self.gens):
                 torch.randn(row.shape, generator=gen, device=row.device, dtype=row.dtype, out=row)
             self.i = 0
         self.i += 1
+
+    def __call__(self) -> torch.Tensor:
+        """Noise for the next step of every chain, shape (C, D) (a view into the pool: use before the next call)."""
+        self._advance()
         return self.buf[:, self.i - 1]
+
+    def indexed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next step's noise as (pool (C, block, D), 0-d index): ``pool[:, index]`` is what ``__call__`` would
+        return. A compiled step takes this pair, so its inputs keep one storage layout and it never recompiles."""
+        self._advance()
+        return self.buf, self._index[self.i - 1]
 
 
 def overdispersed_start(
@@ -110,12 +121,15 @@ def run_chains(
     check_every: int = 256,
     progress: bool = False,
     init_spread: float = 0.0,
+    fixed_shapes: bool = False,
 ) -> ChainOutput:
     """Run the chains ``chain_ids`` from w* = ``theta0`` (shape (D,)) and record the minibatch loss at each draw.
 
     With ``init_spread`` > 0 the chains start from :func:`overdispersed_start` with directions
     u_c ~ N(0, (init_spread²/γ)·I) drawn from each chain's own generator (one batch of the stream is used for the
-    contraction check)."""
+    contraction check). ``fixed_shapes`` promises that every batch has the same structure and shapes (a cached data
+    set): a compiled step then skips ``torch.compile``'s guard checks after the first step (they cost more than the
+    kernels on small models), which is safe because nothing about the inputs can change within the loop."""
     device, dtype = theta0.device, theta0.dtype
     C, D = len(chain_ids), theta0.numel()
     draw_noise = NoisePool(chain_ids, seed, D, device, dtype)
@@ -134,26 +148,32 @@ def run_chains(
     mala_count = 0
     total = num_burnin_steps + num_draws * num_steps_bw_draws
     bar = tqdm(total=total, desc="SGLD steps", leave=False, disable=not progress)
+    hp = sampler.hyperparameters()
     t = 0
-    for t in range(total):
-        batch = next(batches)
-        losses, grads = loss_grad(theta, batch)
-        k, r = divmod(t - num_burnin_steps, num_steps_bw_draws)
-        if t >= num_burnin_steps and r == 0:
-            trace[:, k] = losses.detach()
-        mala_now = use_mala and t % mala_every == mala_every - 1
-        if mala_now:
-            theta_prev = theta.clone()
-        sampler.step(theta, theta0, grads, draw_noise())
-        if mala_now:
-            prop_loss, prop_grad = loss_grad(theta, batch)
-            log_a = sampler.mala_log_accept(theta_prev, theta0, losses, grads, theta, prop_loss, prop_grad,
-                                            sampler.current_preconditioner())
-            mala_sum += torch.nan_to_num(log_a.clamp(max=0.0).exp(), nan=0.0)
-            mala_count += 1
-        if check_every and t % check_every == check_every - 1:
-            bar.update(check_every)
-            if not bool(torch.isfinite(losses).any()):  # every chain has blown up: stop wasting compute
-                break
+    with ExitStack() as stance:  # the guard-skipping stance must end with the loop, whatever happens
+        for t in range(total):
+            batch = next(batches)
+            noise = draw_noise.indexed() if loss_grad.compiled else draw_noise()
+            losses, grads, new_theta, new_state = loss_grad.step(theta, theta0, batch, noise, sampler.kind,
+                                                                 sampler.state, hp)
+            k, r = divmod(t - num_burnin_steps, num_steps_bw_draws)
+            if t >= num_burnin_steps and r == 0:
+                trace[:, k] = losses
+            if use_mala and t % mala_every == mala_every - 1:
+                # loss and gradient at the proposal on the same batch (through the same graph; its update is dropped)
+                prop_loss, prop_grad, _, _ = loss_grad.step(new_theta, theta0, batch, noise, sampler.kind,
+                                                            new_state, hp)
+                sampler.state = new_state
+                log_a = sampler.mala_log_accept(theta, theta0, losses, grads, new_theta, prop_loss, prop_grad,
+                                                sampler.current_preconditioner())
+                mala_sum += torch.nan_to_num(log_a.clamp(max=0.0).exp(), nan=0.0)
+                mala_count += 1
+            theta, sampler.state = new_theta, new_state
+            if t == 0 and fixed_shapes and loss_grad.compiled:
+                stance.enter_context(torch.compiler.set_stance("default", skip_guard_eval_unsafe=True))
+            if check_every and t % check_every == check_every - 1:
+                bar.update(check_every)
+                if not bool(torch.isfinite(losses).any()):  # every chain has blown up: stop wasting compute
+                    break
     bar.close()
     return ChainOutput(trace, mala_sum, mala_count, t + 1, start_distance)

@@ -9,11 +9,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
+
+from slt_tools.sampling.samplers import update
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 RestrictTo = Sequence[str] | Callable[[str], bool] | None
@@ -112,16 +115,18 @@ def make_loss(model: nn.Module, layout: FlatParams, loss_fn: LossFn) -> Callable
 
 
 class BatchedLossGrad:
-    """(C, D) parameters × one batch ↦ per-chain losses (C,) and gradients (C, D).
+    """(C, D) parameters × one batch ↦ per-chain losses (C,) and gradients (C, D); ``step`` adds an SGMCMC update.
 
     The forward pass is ``vmap``-ed over chains; the gradient comes from one reverse pass of Σ_c L_B(θ_c) — exact
     per-chain gradients because chain c's loss depends on θ_c alone — which is cheaper than ``vmap(grad(·))``.
     If the model cannot be vmapped (data-dependent control flow, ``.item()``, in-place updates of captured tensors…),
     falls back to a loop over chains and records why.
 
-    ``compile=True`` runs loss and gradient (``torch.func.grad`` of the vmapped sum) through ``torch.compile``: one
-    fused graph per step instead of eager per-op dispatch. Compiling takes seconds to tens of seconds once per model
-    and shape, so it pays only for long runs; a model that fails to compile runs eagerly (``compile_error`` says why).
+    ``compile=True`` runs a whole sampler step — loss, gradient (``torch.func.grad`` of the vmapped sum) and the
+    update rule — through ``torch.compile``: one fused graph per step instead of eager per-op dispatch. The
+    hyperparameters enter as 0-d tensors, so one graph serves every step size, localization and nβ. Compiling takes
+    seconds to tens of seconds once per model class, sampler rule and shape, so it pays only for long runs; a model
+    that fails to compile runs eagerly (``compile_error`` says why).
     """
 
     def __init__(self, loss_at: Callable[[torch.Tensor, Any], torch.Tensor], vectorize: bool = True,
@@ -130,45 +135,26 @@ class BatchedLossGrad:
         self._batched = vmap(loss_at, in_dims=(0, None), randomness="different")
         self.vectorized = vectorize
         self.fallback_reason: str | None = None if vectorize else "vectorize=False"
-        self._compiled: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._compiled: Callable[..., Any] | None = None
+        self._hp_tensors: tuple[tuple, dict[str, torch.Tensor]] | None = None
         self.compile_error: str | None = None
         if compile and vectorize:
-            batched = self._batched
-
-            def loss_and_grad(theta: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-                def total(th: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                    losses = batched(th, batch)
-                    return losses.sum(), losses
-
-                grads, losses = torch.func.grad(total, has_aux=True)(theta)
-                return losses, grads
-
-            self._compiled = torch.compile(loss_and_grad, dynamic=None)
+            self._compiled = torch.compile(partial(_fused_step, self._batched), dynamic=None)
 
     @property
     def compiled(self) -> bool:
         """Whether steps run through the ``torch.compile``-d graph (False after a compile failure)."""
         return self._compiled is not None
 
-    def _vmapped(self, theta: torch.Tensor, batch: Any) -> torch.Tensor:
-        return self._batched(theta, batch)
-
     def _looped(self, theta: torch.Tensor, batch: Any) -> torch.Tensor:
         return torch.stack([self._loss_at(theta[c], batch) for c in range(theta.shape[0])])
 
-    def __call__(self, theta: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._compiled is not None:
-            try:
-                losses, grads = self._compiled(theta.detach(), batch)
-                return losses.detach(), grads
-            except Exception as exc:  # noqa: BLE001 - a model torch.compile cannot handle runs eagerly instead
-                self._compiled = None
-                self.compile_error = f"{type(exc).__name__}: {exc}"
+    def _eager(self, theta: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.enable_grad():
             leaf = theta.detach().requires_grad_(True)
             if self.vectorized:
                 try:
-                    losses = self._vmapped(leaf, batch)
+                    losses = self._batched(leaf, batch)
                 except Exception as exc:  # noqa: BLE001 - any vmap failure means "use the loop"
                     self.vectorized = False
                     self.fallback_reason = f"{type(exc).__name__}: {exc}"
@@ -176,3 +162,75 @@ class BatchedLossGrad:
                 losses = self._looped(leaf, batch)
             (grads,) = torch.autograd.grad(losses.sum(), leaf)
         return losses.detach(), grads
+
+    def _tensor_hp(self, hp: dict[str, float], like: torch.Tensor) -> dict[str, torch.Tensor]:
+        key = (tuple(sorted(hp.items())), like.device, like.dtype)
+        if self._hp_tensors is None or self._hp_tensors[0] != key:
+            self._hp_tensors = (key, {k: torch.tensor(v, device=like.device, dtype=like.dtype) for k, v in hp.items()})
+        return self._hp_tensors[1]
+
+    def _run_compiled(self, *args: Any) -> Any:
+        assert self._compiled is not None
+        try:
+            return self._compiled(*args)
+        except Exception as exc:  # noqa: BLE001 - a model torch.compile cannot handle runs eagerly instead
+            self._compiled = None
+            self.compile_error = f"{type(exc).__name__}: {exc}"
+            return None
+
+    def step(
+        self,
+        theta: torch.Tensor,
+        theta0: torch.Tensor,
+        batch: Any,
+        noise: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        kind: str,
+        state: dict[str, torch.Tensor],
+        hp: dict[str, float],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Losses and gradients at θ, and one SGMCMC step of rule ``kind`` (``samplers.update``):
+        (L_B(θ), ∇L_B(θ), θ′, state′)."""
+        if self._compiled is not None:
+            out = self._run_compiled(theta.detach(), theta0, batch, noise, kind, state, self._tensor_hp(hp, theta))
+            if out is not None:
+                return out
+        losses, grads = self._eager(theta, batch)
+        new_theta, new_state = update(kind, theta, theta0, grads, pick_noise(noise), state, hp)
+        return losses, grads, new_theta, new_state
+
+    def __call__(self, theta: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._compiled is not None:  # the SGLD step graph, its update discarded: no second graph to compile
+            hp = {k: 1.0 for k in ("lr", "localization", "nbeta", "alpha", "eps", "diffusion")}
+            out = self._run_compiled(theta.detach(), theta.detach(), batch, theta.detach(), "sgld", {},
+                                     self._tensor_hp(hp, theta))
+            if out is not None:
+                return out[0], out[1]
+        return self._eager(theta, batch)
+
+
+def pick_noise(noise: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """A step's (C, D) noise from a tensor or from a :meth:`NoisePool.indexed` pair."""
+    if isinstance(noise, tuple):
+        pool, index = noise
+        return pool.index_select(1, index.reshape(1)).squeeze(1)
+    return noise
+
+
+def _fused_step(
+    batched: Callable[[torch.Tensor, Any], torch.Tensor],
+    theta: torch.Tensor,
+    theta0: torch.Tensor,
+    batch: Any,
+    noise: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    kind: str,
+    state: dict[str, torch.Tensor],
+    hp: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """The function ``torch.compile`` fuses: vmapped loss, its gradient, and the update rule."""
+    def total(th: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        losses = batched(th, batch)
+        return losses.sum(), losses
+
+    grads, losses = torch.func.grad(total, has_aux=True)(theta)
+    new_theta, new_state = update(kind, theta, theta0, grads, pick_noise(noise), state, hp)
+    return losses.detach(), grads, new_theta, new_state

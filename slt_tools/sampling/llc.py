@@ -446,7 +446,7 @@ def estimate_llc(
         block = ids[i : i + chunk]
         out = run_chains(loss_grad, theta0, data.stream(data_seed(seed)), make_sampler, block, seed, num_draws,
                          num_burnin_steps, num_steps_bw_draws, mala_every, progress=progress,
-                         init_spread=init_spread)
+                         init_spread=init_spread, fixed_shapes=data.cached)
         outputs.append(out)
     trace = torch.cat([o.loss_trace for o in outputs]).double().cpu().numpy()
     wall = time.perf_counter() - start

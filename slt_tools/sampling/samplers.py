@@ -53,16 +53,14 @@ class Sampler:
         else:
             self.state = {}
 
+    def hyperparameters(self) -> dict[str, float]:
+        """The numbers :func:`update` needs (floats; pass 0-d tensors instead to keep a compiled graph generic)."""
+        return {"lr": self.lr, "localization": self.localization, "nbeta": self.nbeta, "alpha": self.alpha,
+                "eps": self.eps, "diffusion": self.diffusion}
+
     def drift(self, theta: torch.Tensor, theta0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """∇U(w) ≈ nβ·∇L_B(w) + γ·(w − w*)."""
-        return torch.add(grad, theta - theta0, alpha=self.localization / self.nbeta).mul_(self.nbeta)
-
-    def preconditioner(self, grad: torch.Tensor) -> torch.Tensor | None:
-        """Update and return the RMSProp preconditioner G (None for unpreconditioned rules)."""
-        if self.kind != "rmsprop_sgld":
-            return None
-        self.state["V"].mul_(self.alpha).addcmul_(grad, grad, value=1.0 - self.alpha)
-        return self.current_preconditioner()
+        return drift(theta, theta0, grad, self.hyperparameters())
 
     def current_preconditioner(self) -> torch.Tensor | None:
         """G = 1/(√V + δ) from the current state, without updating it (None for unpreconditioned rules)."""
@@ -73,27 +71,17 @@ class Sampler:
     def first_move(self, theta: torch.Tensor, theta0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """Per-chain length of the noise-free part of a first step from fresh state at θ:
         (ε/2)‖G⊙∇U‖ (G = 1 for SGLD, the RMSProp preconditioner after one update from V = 0), ε‖∇U‖ for SGNHT."""
-        drift = self.drift(theta, theta0, grad)
+        d = self.drift(theta, theta0, grad)
         if self.kind == "sgnht":
-            return self.lr * drift.norm(dim=1)
+            return self.lr * d.norm(dim=1)
         if self.kind == "rmsprop_sgld":
-            drift = drift / (math.sqrt(1.0 - self.alpha) * grad.abs() + self.eps)
-        return 0.5 * self.lr * drift.norm(dim=1)
+            d = d / (math.sqrt(1.0 - self.alpha) * grad.abs() + self.eps)
+        return 0.5 * self.lr * d.norm(dim=1)
 
     def step(self, theta: torch.Tensor, theta0: torch.Tensor, grad: torch.Tensor, noise: torch.Tensor) -> None:
-        """One in-place update of all chains."""
-        drift = self.drift(theta, theta0, grad)
-        if self.kind == "sgld":
-            theta.add_(drift, alpha=-0.5 * self.lr).add_(noise, alpha=math.sqrt(self.lr))
-        elif self.kind == "rmsprop_sgld":
-            G = self.preconditioner(grad)
-            theta.addcmul_(G, drift, value=-0.5 * self.lr).addcmul_(G.sqrt(), noise, value=math.sqrt(self.lr))
-        else:
-            h = math.sqrt(self.lr)
-            p, xi = self.state["p"], self.state["xi"]
-            p.sub_(h * xi * p).add_(drift, alpha=-h).add_(noise, alpha=math.sqrt(2.0 * self.diffusion * h))
-            theta.add_(p, alpha=h)
-            xi.add_(h * (p.pow(2).mean(dim=1, keepdim=True) - 1.0))
+        """One in-place update of all chains (and of the sampler state)."""
+        new, self.state = update(self.kind, theta, theta0, grad, noise, self.state, self.hyperparameters())
+        theta.copy_(new)
 
     def mala_log_accept(
         self,
@@ -120,3 +108,44 @@ class Sampler:
         fwd = (prop - theta + 0.5 * self.lr * Gm * d_fwd).pow(2).div(Gm).sum(dim=1) / (2 * self.lr)
         bwd = (theta - prop + 0.5 * self.lr * Gm * d_bwd).pow(2).div(Gm).sum(dim=1) / (2 * self.lr)
         return potential(theta, loss) - potential(prop, prop_loss) - bwd + fwd
+
+
+Scalar = float | torch.Tensor
+
+
+def drift(theta: torch.Tensor, theta0: torch.Tensor, grad: torch.Tensor, hp: dict[str, Scalar]) -> torch.Tensor:
+    """∇U(w) ≈ nβ·∇L_B(w) + γ·(w − w*)."""
+    return hp["nbeta"] * grad + hp["localization"] * (theta - theta0)
+
+
+def update(
+    kind: str,
+    theta: torch.Tensor,
+    theta0: torch.Tensor,
+    grad: torch.Tensor,
+    noise: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    hp: dict[str, Scalar],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One step of rule ``kind`` for all chains, out of place: (θ, state) ↦ (θ′, state′) (formulas in the module
+    docstring). Pure tensor arithmetic, so the same code runs eagerly (``hp`` floats) and inside the compiled step
+    (``hp`` 0-d tensors: one graph serves every step size)."""
+    lr = hp["lr"]
+    if kind == "sgld":  # θ′ = (1 − εγ/2)·θ + (εγ/2)·w* − (εnβ/2)·g + √ε·ξ: four kernels, one allocation when eager
+        pull = 0.5 * lr * hp["localization"]
+        new = theta * (1.0 - pull)
+        for coef, x in ((pull, theta0), (-0.5 * lr * hp["nbeta"], grad), (lr**0.5, noise)):
+            new = new.add_(x, alpha=coef) if not isinstance(coef, torch.Tensor) else new.addcmul_(x, coef)
+        return new, state
+    d = drift(theta, theta0, grad, hp)
+    if kind == "rmsprop_sgld":
+        V = hp["alpha"] * state["V"] + (1.0 - hp["alpha"]) * grad * grad
+        G = 1.0 / (V.sqrt() + hp["eps"])
+        return theta - (0.5 * lr) * G * d + lr**0.5 * G.sqrt() * noise, {"V": V}
+    if kind == "sgnht":
+        h = lr**0.5
+        p, xi = state["p"], state["xi"]
+        p = p - h * xi * p - h * d + (2.0 * hp["diffusion"] * h) ** 0.5 * noise
+        xi = xi + h * (p.pow(2).mean(dim=1, keepdim=True) - 1.0)
+        return theta + h * p, {"p": p, "xi": xi}
+    raise ValueError(f"unknown sampler {kind!r}; choose one of {SAMPLERS}")
