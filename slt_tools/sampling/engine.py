@@ -8,9 +8,12 @@ seeded by (seed, c) and all chains see the same seeded minibatch sequence, so a 
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -43,6 +46,14 @@ class ChainOutput:
     start_distance: torch.Tensor | None = None  # (C,) ‖w₀ − w*‖ of overdispersed starts
 
 
+@cache
+def _noise_threads() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="slt_noise")
+
+
+os.register_at_fork(after_in_child=_noise_threads.cache_clear)  # a forked child must not wait on its parent's threads
+
+
 class NoisePool:
     """Per-chain N(0, I) noise, drawn ``block`` steps at a time from each chain's own generator.
 
@@ -57,12 +68,22 @@ class NoisePool:
         self.block = max(1, min(max_block, max_block_numel // max(dim, 1)))
         self.buf = torch.empty(len(self.gens), self.block, dim, device=device, dtype=dtype)
         self.i = self.block
-        self._index = torch.arange(self.block, device=device)
+        self._index = [torch.tensor(i, device=device) for i in range(self.block)]  # 0-d, each its own storage
+
+    def _fill(self, rows: range) -> None:
+        for c in rows:
+            row = self.buf[c]
+            torch.randn(row.shape, generator=self.gens[c], device=row.device, dtype=row.dtype, out=row)
 
     def _advance(self) -> None:
         if self.i == self.block:
-            for row, gen in zip(self.buf, self.gens):
-                torch.randn(row.shape, generator=gen, device=row.device, dtype=row.dtype, out=row)
+            C = len(self.gens)
+            if self.buf.device.type == "cpu" and C > 1 and torch.get_num_threads() > 1:
+                # the CPU generator is serial (≈ 4 ns per number): fill two halves of the chains on two threads
+                # (torch.randn releases the GIL); each chain's numbers still come from its own generator alone
+                list(_noise_threads().map(self._fill, (range(0, C, 2), range(1, C, 2))))
+            else:
+                self._fill(range(C))
             self.i = 0
         self.i += 1
 
@@ -105,6 +126,15 @@ def overdispersed_start(
             break
         scale[~ok] *= 0.5
     return theta0 + scale * direction
+
+
+def _skip_guards() -> AbstractContextManager[Any]:
+    """``torch.compile`` stance that evaluates only the guards telling cached graphs apart (torch ≥ 2.7; a no-op
+    context before that)."""
+    try:
+        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+    except (AttributeError, TypeError):
+        return nullcontext()
 
 
 def run_chains(
@@ -170,7 +200,7 @@ def run_chains(
                 mala_count += 1
             theta, sampler.state = new_theta, new_state
             if t == 0 and fixed_shapes and loss_grad.compiled:
-                stance.enter_context(torch.compiler.set_stance("default", skip_guard_eval_unsafe=True))
+                stance.enter_context(_skip_guards())
             if check_every and t % check_every == check_every - 1:
                 bar.update(check_every)
                 if not bool(torch.isfinite(losses).any()):  # every chain has blown up: stop wasting compute
