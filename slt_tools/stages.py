@@ -40,10 +40,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.linalg import cho_factor, cho_solve
-from scipy.optimize import minimize
-from scipy.signal import medfilt
-from scipy.stats import norm
+import scipy  # submodules load on first use (keeps `import slt_tools` fast)
 
 
 @dataclass
@@ -92,7 +89,7 @@ class _GP:
         best = None
         for ls0 in np.geomspace(min_ls * 1.5, max_ls * 0.6, 4):
             x0 = np.array([0.0, math.log(ls0), math.log(0.05), math.log(0.3)])
-            res = minimize(self._nll, x0, method="L-BFGS-B", bounds=bounds)
+            res = scipy.optimize.minimize(self._nll, x0, method="L-BFGS-B", bounds=bounds)
             if best is None or res.fun < best.fun:
                 best = res
         self.theta = best.x
@@ -117,8 +114,8 @@ class _GP:
 
     def _factor(self, theta: np.ndarray):
         K = self._k(self.x, self.x, theta[0], theta[1])[0] + np.diag(self._noise(theta))
-        c = cho_factor(K, lower=True)
-        return c, cho_solve(c, self.y)
+        c = scipy.linalg.cho_factor(K, lower=True)
+        return c, scipy.linalg.cho_solve(c, self.y)
 
     def _nll(self, theta: np.ndarray) -> float:
         try:
@@ -139,9 +136,9 @@ class _GP:
         log_sf, log_ls = self.theta[0], self.theta[1]
         Ks, dKs = self._k(xs, self.x, log_sf, log_ls)
         mean, slope = Ks @ self._alpha, dKs @ self._alpha
-        cov = self._k(xs, xs, log_sf, log_ls)[0] - Ks @ cho_solve(self._c, Ks.T)
+        cov = self._k(xs, xs, log_sf, log_ls)[0] - Ks @ scipy.linalg.cho_solve(self._c, Ks.T)
         slope_prior = math.exp(2 * log_sf) * 5.0 / (3 * math.exp(2 * log_ls))
-        slope_var = slope_prior - np.einsum("ij,ji->i", dKs, cho_solve(self._c, dKs.T))
+        slope_var = slope_prior - np.einsum("ij,ji->i", dKs, scipy.linalg.cho_solve(self._c, dKs.T))
         sd = np.sqrt(np.clip(np.diag(cov), 0, None))
         return (mean * self.scale + self.mean, sd * self.scale, slope * self.scale,
                 np.sqrt(np.clip(slope_var, 0, None)) * self.scale, cov * self.scale**2)
@@ -286,7 +283,8 @@ def detect_stages(
             dl = _delta_loss(s, lo, start, end, axis)
             moved = abs(d) >= z * dsd and abs(d) >= min_rel_change * float(np.ptp(mu))
             kind = _classify(d, moved, dl, lo, loss_range, start, s, axis, loss_tol, flat_loss)
-            conf = float(norm.cdf(abs(d) / dsd)) if kind != "flat" else float(1 - abs(2 * norm.cdf(d / dsd) - 1))
+            cdf = scipy.stats.norm.cdf
+            conf = float(cdf(abs(d) / dsd)) if kind != "flat" else float(1 - abs(2 * cdf(d / dsd) - 1))
             out.append(Stage(start, end, kind, d, dl, conf, float(mu[i]), float(mu[j]), dsd))
         return out
 
@@ -305,7 +303,7 @@ def detect_stages(
 
 
 def _loss_at(s: np.ndarray, lo: np.ndarray, step: float, axis: str) -> float:
-    smooth = medfilt(lo, 3) if len(lo) >= 3 else lo
+    smooth = scipy.signal.medfilt(lo, 3) if len(lo) >= 3 else lo
     xs = np.log(s + 1.0) if axis == "log" else s
     xq = math.log(step + 1.0) if axis == "log" else step
     return float(np.interp(xq, xs, smooth))

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import scipy  # submodules load on first use (keeps `import slt_tools` fast)
 import torch
-from scipy.linalg import eigh_tridiagonal
 from torch import nn
 
 from slt_tools.sampling.data import BatchStream
@@ -108,7 +108,7 @@ def hessian_eigenvalues(model: nn.Module, loader: Any, loss_fn: Callable, k: int
     v0 = torch.randn(op.dim, generator=gen, dtype=op.theta.dtype).to(op.theta.device)
     start = op.count
     a, b, _ = lanczos(op, v0, m)
-    ritz = eigh_tridiagonal(a, b[: len(a) - 1], eigvals_only=True) if len(a) > 1 else a
+    ritz = scipy.linalg.eigh_tridiagonal(a, b[: len(a) - 1], eigvals_only=True) if len(a) > 1 else a
     kk = min(k, len(ritz))
     return Spectrum(top=ritz[::-1][:kk].copy(), bottom=ritz[:kk].copy(), num_hvps=op.count - start)
 
@@ -172,7 +172,7 @@ def hessian_spectral_density(model: nn.Module, loader: Any, loss_fn: Callable, n
         v = (torch.randint(0, 2, (op.dim,), generator=gen) * 2 - 1).to(op.theta)
         a, b, _ = lanczos(op, v, m)
         if len(a) > 1:
-            theta, vecs = eigh_tridiagonal(a, b[: len(a) - 1])
+            theta, vecs = scipy.linalg.eigh_tridiagonal(a, b[: len(a) - 1])
         else:
             theta, vecs = a, np.ones((1, 1))
         nodes.append(np.pad(theta, (0, m - len(theta)), constant_values=np.nan))

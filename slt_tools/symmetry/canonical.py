@@ -40,8 +40,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import scipy  # submodules load on first use (keeps `import slt_tools` fast)
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from slt_tools.symmetry.spec import Axes, HeadGroup, SymmetrySpec, UnitGroup, symmetry_spec
@@ -365,7 +365,7 @@ def align(reference: nn.Module | Mapping[str, torch.Tensor], other: nn.Module | 
                 cost = (_unit_matrix(a, axes, block).double()
                         @ _unit_matrix(tb, axes, block).double().T).cpu().numpy()
                 old = float(cost[np.arange(size), perms[name]].sum())
-            _, col = linear_sum_assignment(cost, maximize=True)
+            _, col = scipy.optimize.linear_sum_assignment(cost, maximize=True)
             new = float(cost[np.arange(size), col].sum())
             if new > old + 1e-9 * max(1.0, abs(old)):
                 improved = True
