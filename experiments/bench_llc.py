@@ -136,7 +136,7 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def speed(quick: bool, chains: int, peak: float, repeats: int = 3) -> list[dict]:
+def speed(quick: bool, chains: int, peak: float, repeats: int = 5) -> list[dict]:
     """Wall times per method: best of ``repeats`` rounds (1 for the transformer), methods interleaved within a round
     so that drifts of this shared VM's speed hit all of them alike; every method gets a warm-up call first."""
     rows = []

@@ -341,29 +341,3 @@ def test_guard_skipping_ends_with_the_loop(small_problem):
         run(5)
     assert not eval_frame._stance.skip_guard_eval_unsafe
 
-
-def test_noise_pool_threads_survive_fork():
-    """The noise pool fills chains on two threads; a process forked after that must still draw its noise (not wait
-    forever on threads that only exist in its parent), and the numbers must not depend on the threading."""
-    import multiprocessing
-
-    from slt_tools.sampling.engine import NoisePool
-
-    def draws(threads):
-        torch.set_num_threads(threads)
-        pool = NoisePool(range(4), 7, 10, torch.device("cpu"), torch.float32)
-        return torch.stack([pool().clone() for _ in range(3)])
-
-    n_threads = torch.get_num_threads()
-    try:
-        serial, parallel = draws(1), draws(2)
-    finally:
-        torch.set_num_threads(n_threads)
-    assert torch.equal(serial, parallel)
-    ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
-    child = ctx.Process(target=lambda: queue.put(draws(2).numpy()))
-    child.start()
-    child.join(timeout=60)
-    assert child.exitcode == 0, "forked child hung or failed drawing noise"
-    np.testing.assert_array_equal(queue.get(timeout=5), parallel.numpy())

@@ -8,12 +8,9 @@ seeded by (seed, c) and all chains see the same seeded minibatch sequence, so a 
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 import numpy as np
@@ -46,14 +43,6 @@ class ChainOutput:
     start_distance: torch.Tensor | None = None  # (C,) ‖w₀ − w*‖ of overdispersed starts
 
 
-@cache
-def _noise_threads() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="slt_noise")
-
-
-os.register_at_fork(after_in_child=_noise_threads.cache_clear)  # a forked child must not wait on its parent's threads
-
-
 class NoisePool:
     """Per-chain N(0, I) noise, drawn ``block`` steps at a time from each chain's own generator.
 
@@ -70,20 +59,10 @@ class NoisePool:
         self.i = self.block
         self._index = [torch.tensor(i, device=device) for i in range(self.block)]  # 0-d, each its own storage
 
-    def _fill(self, rows: range) -> None:
-        for c in rows:
-            row = self.buf[c]
-            torch.randn(row.shape, generator=self.gens[c], device=row.device, dtype=row.dtype, out=row)
-
     def _advance(self) -> None:
         if self.i == self.block:
-            C = len(self.gens)
-            if self.buf.device.type == "cpu" and C > 1 and torch.get_num_threads() > 1:
-                # the CPU generator is serial (≈ 4 ns per number): fill two halves of the chains on two threads
-                # (torch.randn releases the GIL); each chain's numbers still come from its own generator alone
-                list(_noise_threads().map(self._fill, (range(0, C, 2), range(1, C, 2))))
-            else:
-                self._fill(range(C))
+            for row, gen in zip(self.buf, self.gens):
+                torch.randn(row.shape, generator=gen, device=row.device, dtype=row.dtype, out=row)
             self.i = 0
         self.i += 1
 
