@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
-    subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port=29533", str(script), str(tmp / "d.jsonl")],
+    subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(tmp / "d.jsonl")],
                    check=True, env=env, capture_output=True)
     two = time.perf_counter() - t0
     single_store = slt.Trajectory.from_store(tmp / "s0.jsonl")

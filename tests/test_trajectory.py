@@ -108,8 +108,10 @@ def test_changed_settings_are_refused(ckpts, tmp_path):
 def test_torchrun_two_processes_equal_single(ckpts, tmp_path):
     torchrun = Path(PY).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port=29517", str(FIX), str(ckpts),
-                    str(tmp_path / "d.jsonl"), "2"], check=True, env=env, capture_output=True, timeout=180)
+    # --standalone: torchrun picks a free rendezvous port (a fixed port can be taken or in TIME_WAIT on a busy machine)
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(FIX), str(ckpts),
+                           str(tmp_path / "d.jsonl"), "2"], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     single = quiet(tp.sweep, ckpts, tmp_path / "s.jsonl", chain_chunk_size=2)
     dist = slt.Trajectory.from_store(tmp_path / "d.jsonl")
     np.testing.assert_array_equal(dist.steps, single.steps)
