@@ -84,14 +84,15 @@ def test_other_samplers_on_regular_model(sampler, kwargs):
 
 def test_sgnht_thermostat_is_applied():
     """The thermostat must move: ξ adapts so that the kinetic energy ‖p‖²/D tracks 1."""
-    from slt_tools.sampling.samplers import Sampler
+    from slt_tools.sampling.samplers import Sampler, update
 
     s = Sampler("sgnht", lr=1e-2, localization=1.0, nbeta=1.0)
     theta = torch.zeros(2, 50)
     s.init_state(theta, torch.randn(2, 50) * 3.0)  # far too hot
     xi0 = s.state["xi"].clone()
-    s.step(theta, torch.zeros(50), torch.zeros(2, 50), torch.zeros(2, 50))
-    assert (s.state["xi"] > xi0).all()
+    _, state = update("sgnht", theta, torch.zeros(50), torch.zeros(2, 50), torch.zeros(2, 50), s.state,
+                      s.hyperparameters())
+    assert (state["xi"] > xi0).all()
 
 
 # ---------------------------------------------------------------- structure and reproducibility

@@ -136,12 +136,13 @@ class BatchStream:
         n, m = self.num_samples, self.batch_size
         per_epoch = n // m
         chunk = 64  # batches gathered at once: one indexing call per leaf for 64 steps, the batches are views
+        leaves = self._leaves
+        assert leaves is not None
         while True:
             perm = torch.randperm(n, generator=gen).to(self._device)
             for start in range(0, per_epoch, chunk):
                 stop = min(start + chunk, per_epoch)
-                assert self._leaves is not None
-                block = [x[perm[start * m : stop * m]] for x in self._leaves]
+                block = [x[perm[start * m : stop * m]] for x in leaves]
                 for i in range(stop - start):
                     yield tree_unflatten([x[i * m : (i + 1) * m] for x in block], self._spec)
 

@@ -200,12 +200,8 @@ class BatchedLossGrad:
         return losses, grads, new_theta, new_state
 
     def __call__(self, theta: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._compiled is not None:  # the SGLD step graph, its update discarded: no second graph to compile
-            hp = {k: 1.0 for k in ("lr", "localization", "nbeta", "alpha", "eps", "diffusion")}
-            out = self._run_compiled(theta.detach(), theta.detach(), batch, theta.detach(), "sgld", {},
-                                     self._tensor_hp(hp, theta))
-            if out is not None:
-                return out[0], out[1]
+        """Losses and gradients only, always eager: used a few times per run (overdispersed starts), where a graph of
+        its own would cost a compile and the step graph does not fit (its noise input is a (pool, index) pair)."""
         return self._eager(theta, batch)
 
 

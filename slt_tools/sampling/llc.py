@@ -305,10 +305,11 @@ def estimate_llc(
             u_c ~ N(0, (s²/γ)·I) and s_c ≤ 1 halved until the first drift step contracts (see
             :func:`slt_tools.sampling.engine.overdispersed_start`): with s = 1 the start is overdispersed relative to
             the localised posterior, so such chains approach it from outside. Use burn-in to let them relax.
-        compile: run each step's vmapped loss and gradient through ``torch.compile`` (same results to float
-            rounding; 2–3× faster steps on small models, see docs/benchmarks.md). The first call per process, model
-            class and chain count compiles (4–35 s measured here); later calls, on any instance of the model, reuse
-            the graph — so it pays for long runs and sweeps. Falls back to eager mode if compilation fails.
+        compile: run each whole step (vmapped loss, gradient and update rule) as one ``torch.compile``-d graph (same
+            results to float rounding; 2.4–5× faster steps on small models, see docs/benchmarks.md). The first call
+            per process, model class and chain count compiles (3–35 s measured here); later calls, on any instance of
+            the model and with any hyperparameters, reuse the graph — so it pays for long runs and sweeps. Falls back
+            to eager mode if compilation fails.
         convergence_probe: with automatic calibration, also run ``min(max(2, num_chains // 2), 8)`` chains from an
             overdispersed start (``init_spread=PROBE_SPREAD`` = 0.3, independent chain ids) for the same length;
             the estimate counts as converged only if they agree with the chains from w* (within 10 % or 3 standard

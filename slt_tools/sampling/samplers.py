@@ -78,11 +78,6 @@ class Sampler:
             d = d / (math.sqrt(1.0 - self.alpha) * grad.abs() + self.eps)
         return 0.5 * self.lr * d.norm(dim=1)
 
-    def step(self, theta: torch.Tensor, theta0: torch.Tensor, grad: torch.Tensor, noise: torch.Tensor) -> None:
-        """One in-place update of all chains (and of the sampler state)."""
-        new, self.state = update(self.kind, theta, theta0, grad, noise, self.state, self.hyperparameters())
-        theta.copy_(new)
-
     def mala_log_accept(
         self,
         theta: torch.Tensor,

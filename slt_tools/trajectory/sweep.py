@@ -205,9 +205,9 @@ def llc_trajectory(
     notes_by_step: dict[int, list[str]] = {}
 
     def note(step: int, message: str) -> None:
-        kinds = notes_by_step.setdefault(step, [])
-        if _warning_kind(message) not in kinds:
-            kinds.append(_warning_kind(message))
+        kinds, kind = notes_by_step.setdefault(step, []), _warning_kind(message)
+        if kind not in kinds:
+            kinds.append(kind)
 
     def run_unit(ref: CheckpointRef, block: tuple[int, ...]) -> dict | None:
         try:
