@@ -1,4 +1,5 @@
 """LLC estimator: closed-form truths, chain independence, reproducibility, honesty under failure, bad input."""
+import itertools
 import json
 import math
 import warnings
@@ -342,3 +343,55 @@ def test_guard_skipping_ends_with_the_loop(small_problem):
         run(5)
     assert not eval_frame._stance.skip_guard_eval_unsafe
 
+
+
+def _pinning_run(loss_fn, batches, model, mala_every=0, steps=30, restrict_to=None):
+    """(loss trace, dynamo-path calls, pin_error) of a compiled fixed-shape loop, and the eager loop's trace."""
+    from slt_tools.sampling.engine import run_chains
+    from slt_tools.sampling.functional import BatchedLossGrad, FlatParams, make_loss, select_parameters
+    from slt_tools.sampling.samplers import Sampler
+
+    layout = FlatParams.from_model(model, select_parameters(model, restrict_to))
+    out = {}
+    for compiled in (False, True):
+        loss_grad = BatchedLossGrad(make_loss(model, layout, loss_fn), compile=compiled)
+        calls = []
+        if compiled:
+            dynamo_path = loss_grad._compiled
+            loss_grad._compiled = lambda *a, f=dynamo_path: calls.append(1) or f(*a)
+        res = run_chains(loss_grad, layout.flatten(model), itertools.cycle(batches), lambda: Sampler("sgld", 1e-4, 10.0, 100.0),
+                         [0, 1, 2], seed=0, num_draws=steps, mala_every=mala_every, fixed_shapes=True)
+        out[compiled] = (res.loss_trace.numpy(), len(calls), loss_grad.pin_error)
+    np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-4, atol=1e-7)
+    return out[True][1:]
+
+
+def test_pinned_compiled_steps(small_problem):
+    """After its first step, a compiled fixed-shape loop calls the step's graph directly (no torch.compile frame
+    machinery) — including the MALA proposals and a restricted LLC, whose frozen weights are inputs of the graph but
+    not of the step — with the eager answer."""
+    model, loader = small_problem
+    x, y = loader.dataset.tensors
+    batches = [(x[i:i + 100].clone(), y[i:i + 100].clone()) for i in range(0, 2000, 100)]
+    assert _pinning_run(mse, batches, model) == (1, None)
+    assert _pinning_run(mse, batches, model, mala_every=7) == (1, None)
+    assert _pinning_run(mse, batches, model, restrict_to=["layers.0.weight"]) == (1, None)
+
+
+def test_pinning_refuses_what_it_cannot_place(small_problem):
+    """Steps split by a graph break, or a batch that passes one tensor twice, are not pinned (every step then goes
+    through torch.compile) and still give the eager answer."""
+    model, loader = small_problem
+    x, y = loader.dataset.tensors
+
+    def broken(m, batch):
+        out = m(batch[0])
+        torch._dynamo.graph_break()
+        return ((out - batch[1]) ** 2).mean()
+
+    batches = [(x[i:i + 100].clone(), y[i:i + 100].clone()) for i in range(0, 1000, 100)]
+    calls, why = _pinning_run(broken, batches, model, steps=10)
+    assert calls == 10 and why  # (inside vmap and grad the break leaves the functorch part eager: no graph output)
+    twice = [(b, b) for b, _ in batches]  # (x, x): an autoencoder-style batch holding one tensor in two places
+    calls, why = _pinning_run(mse, twice, model, steps=10)
+    assert calls == 10 and "2 of the step's inputs" in why

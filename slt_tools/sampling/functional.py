@@ -7,15 +7,17 @@ in a single ``vmap``-ed call, or, for models that cannot be vmapped, in a loop o
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from slt_tools.sampling.compiled import GRAPH_CALLS, PinnedStep, allow_recompiles, inductor_backend
 from slt_tools.sampling.samplers import update
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -139,8 +141,12 @@ class BatchedLossGrad:
         self._hp_tensors: tuple[tuple, dict[str, torch.Tensor]] | None = None
         self.compile_error: str | None = None
         if compile and vectorize:
-            self._compiled = torch.compile(partial(_fused_step, self._batched), backend=_inductor_backend(),
-                                           dynamic=None)
+            allow_recompiles()
+            self._compiled = torch.compile(partial(_fused_step, self._batched), backend=inductor_backend(),
+                                           dynamic=False)
+        self._last_step: tuple[tuple[Any, ...], tuple[Any, ...], Any] | None = None
+        self._pinned: PinnedStep | None = None
+        self.pin_error: str | None = None
 
     @property
     def compiled(self) -> bool:
@@ -192,65 +198,41 @@ class BatchedLossGrad:
         """Losses and gradients at θ, and one SGMCMC step of rule ``kind`` (``samplers.update``):
         (L_B(θ), ∇L_B(θ), θ′, state′)."""
         if self._compiled is not None:
-            out = self._run_compiled(theta.detach(), theta0, batch, noise, kind, state, self._tensor_hp(hp, theta))
+            hp_t = self._tensor_hp(hp, theta)
+            if self._pinned is not None:
+                try:
+                    out = self._pinned(theta.detach(), theta0, batch, noise, state, hp_t)
+                except Exception as exc:  # noqa: BLE001 - the ordinary compiled call below decides what this means
+                    out, self.pin_error = None, f"{type(exc).__name__}: {exc}"
+                if out is not None:
+                    return out
+                self._pinned = None
+            inputs = (theta.detach(), theta0, batch, noise, state, hp_t)
+            GRAPH_CALLS.reset()
+            out = self._run_compiled(inputs[0], theta0, batch, noise, kind, state, hp_t)
+            self._last_step = None if out is None else (inputs, out, GRAPH_CALLS.take())
             if out is not None:
                 return out
         losses, grads = self._eager(theta, batch)
         new_theta, new_state = update(kind, theta, theta0, grads, pick_noise(noise), state, hp)
         return losses, grads, new_theta, new_state
 
+    @contextmanager
+    def pinned(self) -> Iterator[bool]:
+        """Within the block, compiled steps call the graph that ran the last step directly (:class:`PinnedStep`),
+        skipping ``torch.compile``'s per-call machinery. For loops whose steps all take inputs of one structure and
+        shape; yields whether the step could be pinned (``pin_error`` says why not)."""
+        built = PinnedStep.build(*self._last_step) if self._last_step is not None else "no compiled step ran yet"
+        self._pinned, self.pin_error = (built, None) if isinstance(built, PinnedStep) else (None, built)
+        try:
+            yield self._pinned is not None
+        finally:
+            self._pinned, self._last_step = None, None
+
     def __call__(self, theta: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Losses and gradients only, always eager: used a few times per run (overdispersed starts), where a graph of
         its own would cost a compile and the step graph does not fit (its noise input is a (pool, index) pair)."""
         return self._eager(theta, batch)
-
-
-@cache
-def _inductor_backend() -> Any:
-    """Inductor with one extra post-grad pass, created once (a new backend object per call would recompile).
-
-    The pass rewrites a batched matmul whose output has few columns, A·B with out (b, M, N), N < 16, M ≥ 4N, as
-    (Bᵀ·Aᵀ)ᵀ: MKL's batched GEMM is 2.3–2.5× slower on the narrow-output form (the last layer of a network and its
-    weight gradient: (8,100,64)·(8,64,10) here), and the transposes are free views. Falls back to plain inductor where
-    the custom-pass interface is missing (older torch).
-    """
-    try:
-        from torch._inductor.compile_fx import compile_fx
-        from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
-    except ImportError:
-        return "inductor"
-    aten = torch.ops.aten
-
-    def transposed(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
-        out = graph.call_function(aten.permute.default, (node, [0, 2, 1]))
-        out.meta["val"] = node.meta["val"].permute(0, 2, 1)
-        return out
-
-    class NarrowBmmFirst(CustomGraphPass):
-        def __call__(self, graph: torch.fx.Graph) -> None:
-            for node in list(graph.nodes):
-                val = node.meta.get("val") if node.target is aten.bmm.default else None
-                if val is None or not all(isinstance(n, int) for n in val.shape):
-                    continue
-                _, rows, cols = val.shape
-                if cols < 16 and rows >= 4 * cols:
-                    a, b = node.args
-                    with graph.inserting_before(node):
-                        bt, at = transposed(graph, b), transposed(graph, a)
-                        prod = graph.call_function(aten.bmm.default, (bt, at))
-                        prod.meta["val"] = torch.bmm(bt.meta["val"], at.meta["val"])
-                        node.replace_all_uses_with(transposed(graph, prod))
-                    graph.erase_node(node)
-
-        def uuid(self) -> Any:
-            return get_hash_for_files((__file__,))
-
-    patches = {"post_grad_custom_post_pass": NarrowBmmFirst()}
-
-    def backend(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
-        return compile_fx(gm, example_inputs, config_patches=patches)
-
-    return backend
 
 
 def pick_noise(noise: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
