@@ -6,8 +6,9 @@ accuracy against Aoyagi's closed-form λ on a suite of deep linear networks.
 Speed: same model, data, chains × draws, batch size and SGLD hyperparameters for every method. "plain loop
 (DataLoader)" is what a user writes: for each chain, iterate the DataLoader, forward, backward, SGLD update of every
 parameter. "plain loop (cached)" is the same loop with the data pre-loaded as tensors (to show how much of the gain is
-the data path and how much is batching chains). Achieved FLOP/s counts forward+backward FLOPs of one chain-step
-(torch.utils.flop_counter) × chains × steps / wall time, against a float32 matmul peak measured in the same run.
+the data path and how much is batching chains). Achieved FLOP/s counts the FLOPs of the work inside the timed call
+(torch.utils.flop_counter): forward+backward of one chain-step × chains × steps, plus the forward pass over all n
+samples that gives L_n(w*), divided by the wall time, against a float32 matmul peak measured in the same run.
 Accuracy: DLNs at noise-free points where rank(J)/2 equals Aoyagi's λ, in the regime of Lau et al. (n = 1e5, batch 500,
 γ = 1, nβ = n / log n, small ε).
 """
@@ -127,9 +128,12 @@ def devinterp_time(model, loader, loss_fn, chains, draws, lr, gamma, nbeta) -> f
     return time.perf_counter() - t0
 
 
-def step_flops(model, loss_fn, batch) -> float:
+def step_flops(model, loss_fn, batch, backward: bool = True) -> float:
+    """FLOPs of one chain's loss on ``batch`` (forward, plus backward unless ``backward=False``)."""
     with FlopCounterMode(display=False) as counter:
-        loss_fn(model, batch).backward()
+        loss = loss_fn(model, batch)
+        if backward:
+            loss.backward()
     model.zero_grad()
     return float(counter.get_total_flops())
 
@@ -180,7 +184,9 @@ def speed(quick: bool, chains: int, repeats: int = 5) -> list[dict]:
         peak = max(peak, matmul_peak())
         t_slt, t_comp, t_plain, t_cached = best["slt"], best["compiled"], best["plain"], best["cached"]
         t_dev = best.get("devinterp")
-        flops = step_flops(model, lf, cached[0]) * chains * steps
+        # the sampled steps, plus the forward pass over all n samples that gives L_n(w*) (inside the timed call)
+        flops = (step_flops(model, lf, cached[0]) * chains * steps
+                 + step_flops(model, lf, cached[0], backward=False) * len(cached))
         row = {"model": prob["name"], "params": params, "chains": chains,
                "draws": steps, "batch": bs, "timing": f"best of {rounds}", "slt_tools_s": t_slt,
                "plain_loop_dataloader_s": t_plain, "plain_loop_cached_s": t_cached, "devinterp_s": t_dev,

@@ -355,12 +355,12 @@ def _pinning_run(loss_fn, batches, model, mala_every=0, steps=30, restrict_to=No
     out = {}
     for compiled in (False, True):
         loss_grad = BatchedLossGrad(make_loss(model, layout, loss_fn), compile=compiled)
-        calls = []
+        calls: list[int] = []
         if compiled:
-            dynamo_path = loss_grad._compiled
-            loss_grad._compiled = lambda *a, f=dynamo_path: calls.append(1) or f(*a)
-        res = run_chains(loss_grad, layout.flatten(model), itertools.cycle(batches), lambda: Sampler("sgld", 1e-4, 10.0, 100.0),
-                         [0, 1, 2], seed=0, num_draws=steps, mala_every=mala_every, fixed_shapes=True)
+            loss_grad._compiled = lambda *a, f=loss_grad._compiled, log=calls: log.append(1) or f(*a)
+        res = run_chains(loss_grad, layout.flatten(model), itertools.cycle(batches),
+                         lambda: Sampler("sgld", 1e-4, 10.0, 100.0), [0, 1, 2], seed=0, num_draws=steps,
+                         mala_every=mala_every, fixed_shapes=True)
         out[compiled] = (res.loss_trace.numpy(), len(calls), loss_grad.pin_error)
     np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-4, atol=1e-7)
     return out[True][1:]
