@@ -395,3 +395,22 @@ def test_pinning_refuses_what_it_cannot_place(small_problem):
     twice = [(b, b) for b, _ in batches]  # (x, x): an autoencoder-style batch holding one tensor in two places
     calls, why = _pinning_run(mse, twice, model, steps=10)
     assert calls == 10 and "2 of the step's inputs" in why
+
+
+def test_loop_stops_when_every_chain_has_diverged(small_problem):
+    """The engine stops at the first divergence check after every chain's loss is non-finite; the draws recorded up to
+    there stay in the trace (the first one finite) and the rest are NaN."""
+    from slt_tools.sampling.engine import run_chains
+    from slt_tools.sampling.functional import BatchedLossGrad, FlatParams, make_loss, select_parameters
+    from slt_tools.sampling.samplers import Sampler
+
+    model, loader = small_problem
+    layout = FlatParams.from_model(model, select_parameters(model))
+    x, y = loader.dataset.tensors
+    out = run_chains(BatchedLossGrad(make_loss(model, layout, mse)), layout.flatten(model),
+                     itertools.repeat((x[:100], y[:100])), lambda: Sampler("sgld", 1.0, 10.0, 1e4), [0, 1], seed=0,
+                     num_draws=400, check_every=8, mala_every=0)
+    trace = out.loss_trace.numpy()
+    assert out.steps_run < 400 and out.steps_run % 8 == 0
+    assert np.isfinite(trace[:, 0]).all() and not np.isfinite(trace[:, out.steps_run - 1]).any()
+    assert np.isnan(trace[:, out.steps_run:]).all()

@@ -153,7 +153,17 @@ def run_chains(
         start_distance = (theta - theta0).norm(dim=1)
     sampler.init_state(theta, draw_noise())
     use_mala = mala_every > 0 and sampler.kind in ("sgld", "rmsprop_sgld")
-    draws: list[torch.Tensor] = []  # each draw's (C,) losses, stacked once at the end (a per-step copy costs ≈ 6 µs)
+    trace = torch.full((C, num_draws), float("nan"), device=device, dtype=dtype)
+    recorded = 0
+    pending: list[torch.Tensor] = []  # draws' (C,) losses, copied into the trace in blocks (a copy per step: ≈ 6 µs)
+
+    def flush() -> None:
+        nonlocal recorded
+        if pending:
+            trace[:, recorded:recorded + len(pending)] = torch.stack(pending, dim=1)
+            recorded += len(pending)
+            pending.clear()
+
     mala_sum = torch.zeros(C, device=device, dtype=dtype)
     mala_count = 0
     total = num_burnin_steps + num_draws * num_steps_bw_draws
@@ -167,7 +177,7 @@ def run_chains(
             losses, grads, new_theta, new_state = loss_grad.step(theta, theta0, batch, noise, sampler.kind,
                                                                  sampler.state, hp)
             if t >= num_burnin_steps and (t - num_burnin_steps) % num_steps_bw_draws == 0:
-                draws.append(losses)
+                pending.append(losses)
             if use_mala and t % mala_every == mala_every - 1:
                 # loss and gradient at the proposal on the same batch (through the same graph; its update is dropped)
                 prop_loss, prop_grad, _, _ = loss_grad.step(new_theta, theta0, batch, noise, sampler.kind,
@@ -182,11 +192,10 @@ def run_chains(
                 stance.enter_context(_skip_guards())
                 stance.enter_context(loss_grad.pinned())
             if check_every and t % check_every == check_every - 1:
+                flush()
                 bar.update(check_every)
                 if not bool(torch.isfinite(losses).any()):  # every chain has blown up: stop wasting compute
                     break
     bar.close()
-    trace = torch.full((C, num_draws), float("nan"), device=device, dtype=dtype)
-    if draws:
-        trace[:, :len(draws)] = torch.stack(draws, dim=1)
+    flush()
     return ChainOutput(trace, mala_sum, mala_count, t + 1, start_distance)
