@@ -142,6 +142,7 @@ class PinnedStep:
         self.graph, self.template, self.sources, self.outs = graph, template, sources, outs
         self.batch_spec, self.state_keys, self.hp_keys = batch_spec, state_keys, hp_keys
         self.out_state_keys = out_state_keys
+        self._key_sets = (set(state_keys), set(hp_keys))  # checked at every step: built once
 
     @staticmethod
     def _leaves(theta: torch.Tensor, theta0: torch.Tensor, batch: Any, noise: Any, state: dict[str, torch.Tensor],
@@ -192,7 +193,7 @@ class PinnedStep:
     def __call__(self, theta: torch.Tensor, theta0: torch.Tensor, batch: Any, noise: Any,
                  state: dict[str, torch.Tensor], hp: dict[str, torch.Tensor]) -> tuple[Any, ...] | None:
         """The step's (losses, grads, θ′, state′), or None if these inputs are not shaped like the pinned ones."""
-        if state.keys() != set(self.state_keys) or hp.keys() != set(self.hp_keys):
+        if state.keys() != self._key_sets[0] or hp.keys() != self._key_sets[1]:
             return None
         leaves, spec = self._leaves(theta, theta0, batch, noise, state, hp, self.state_keys, self.hp_keys)
         if spec != self.batch_spec:

@@ -198,18 +198,18 @@ class BatchedLossGrad:
         """Losses and gradients at θ, and one SGMCMC step of rule ``kind`` (``samplers.update``):
         (L_B(θ), ∇L_B(θ), θ′, state′)."""
         if self._compiled is not None:
-            hp_t = self._tensor_hp(hp, theta)
+            hp_t, theta_d = self._tensor_hp(hp, theta), theta.detach()
             if self._pinned is not None:
                 try:
-                    out = self._pinned(theta.detach(), theta0, batch, noise, state, hp_t)
+                    out = self._pinned(theta_d, theta0, batch, noise, state, hp_t)
                 except Exception as exc:  # noqa: BLE001 - the ordinary compiled call below decides what this means
                     out, self.pin_error = None, f"{type(exc).__name__}: {exc}"
                 if out is not None:
                     return out
                 self._pinned = None
-            inputs = (theta.detach(), theta0, batch, noise, state, hp_t)
+            inputs = (theta_d, theta0, batch, noise, state, hp_t)
             GRAPH_CALLS.reset()
-            out = self._run_compiled(inputs[0], theta0, batch, noise, kind, state, hp_t)
+            out = self._run_compiled(theta_d, theta0, batch, noise, kind, state, hp_t)
             self._last_step = None if out is None else (inputs, out, GRAPH_CALLS.take())
             if out is not None:
                 return out
