@@ -170,7 +170,7 @@ def run_chains(
     bar = tqdm(total=total, desc="SGLD steps", leave=False, disable=not progress)
     hp = sampler.hyperparameters()
     t = 0
-    with ExitStack() as stance:  # the guard-skipping stance must end with the loop, whatever happens
+    with ExitStack() as stance:  # guard skipping and the pinned step must end with the loop, whatever happens
         for t in range(total):
             batch = next(batches)
             noise = draw_noise.indexed() if loss_grad.compiled else draw_noise()
