@@ -64,7 +64,9 @@ def test_restricted_llc_is_the_submodel_truth():
     rank(W_1) = 4 identifiable input directions, so λ = 6·4/2 = 12 (the other directions of W_2 are flat)."""
     model = dln_at((9, 4, 6), 1, (1,))
     loader = teacher_loader(model, 50000, 500, 9)
-    res = quiet_llc(model, loader, mse, num_chains=4, num_draws=1500, num_burnin_steps=300, lr=5e-6,
+    # 1500 draws after 300 burn-in steps read 3-6 % low on average over seeds (the flat directions of W_2 relax
+    # slowly); 3000 after 1000 are within 5 % for seeds 0-5
+    res = quiet_llc(model, loader, mse, num_chains=8, num_draws=3000, num_burnin_steps=1000, lr=5e-6,
                     localization=1.0, seed=0, restrict_to=["layers.1.weight"])
     assert res.hyperparameters["num_params"] == 24
     assert abs(res.llc_mean - 12.0) < 0.08 * 12.0, res
@@ -300,6 +302,55 @@ def test_compiled_steps_match_eager(small_problem, sampler):
     if sampler != "sgnht":
         assert compiled.diagnostics["mala_acceptance"] == pytest.approx(eager.diagnostics["mala_acceptance"],
                                                                         rel=1e-3)
+
+
+def test_graph_rewrites_are_exact():
+    """The compiled step's post-grad rewrites (one-hot scatter of cross-entropy's gradient under vmap, transposed
+    narrow batched matmuls) apply to the graphs batched chains produce and leave their values unchanged."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from slt_tools.sampling.compiled import rewrite_graph
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 16, generator=gen), torch.randint(0, 50, (64,), generator=gen)
+    W1, W2 = torch.randn(8, 16, 50, generator=gen), torch.randn(8, 50, 10, generator=gen)
+
+    def step(W1, W2, x, y):
+        def total(W1, W2):
+            def loss(w1, w2):
+                h = x @ w1
+                return torch.nn.functional.cross_entropy(h, y) + (h @ w2).pow(2).mean()
+            return torch.vmap(loss)(W1, W2).sum()
+        return torch.func.grad(total, argnums=(0, 1))(W1, W2)
+
+    gm = make_fx(step, decomposition_table=select_decomp_table(), tracing_mode="fake")(W1, W2, x, y)
+    counts = rewrite_graph(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    assert counts == {"one_hot_scatter_add": 1, "narrow_bmm_first": 2}, counts
+    assert not any(n.target is torch.ops.aten.scatter_add.default for n in gm.graph.nodes)
+    for got, want in zip(gm(W1, W2, x, y), step(W1, W2, x, y)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_cross_entropy_matches_eager():
+    """A classifier with cross-entropy (the loss whose gradient the one-hot rewrite touches), compiled and eager."""
+    gen = torch.Generator().manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 5))
+    x = torch.randn(600, 6, generator=gen)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    loader = DataLoader(TensorDataset(x, y), batch_size=60, shuffle=True)
+
+    def xent(m, batch):
+        return torch.nn.functional.cross_entropy(m(batch[0]), batch[1])
+
+    kw = dict(num_chains=3, num_draws=40, lr=1e-4, localization=10.0, seed=0, mala_every=0)
+    eager = quiet_llc(model, loader, xent, **kw)
+    compiled = quiet_llc(model, loader, xent, compile=True, **kw)
+    assert compiled.diagnostics["compiled"], compiled.diagnostics["compile_error"]
+    np.testing.assert_allclose(compiled.loss_trace, eager.loss_trace, rtol=1e-4, atol=1e-7)
 
 
 def test_compiled_graph_choice_survives_skipped_guards():

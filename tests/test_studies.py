@@ -30,9 +30,16 @@ def test_dln_staircase_quick(offline):
     study = _load("dln_staircase")
     out = offline / "dln"
     summary = study.run(study.QUICK, out)
-    assert summary["num_type_A"] >= 3 and set(summary["stage_kinds"]) == {"A"}
-    for row in summary["plateaus"][1:]:  # rank 0 is the initial plateau: not near a minimum, excluded
-        assert row["llc_median"] is not None and abs(row["rel_error"]) <= 0.2, row
+    # three rises are visible (ranks 1→2→3→4; rank 0's estimates are invalid, far from a minimum). With 3 checkpoints
+    # per upper plateau the quick run resolves 2 or 3 of them depending on the noise realisation (LLC seeds 0, 1, 2:
+    # 2, 3, 2 stages; with the previous noise generator seed 0 gave 3 and seeds 1-3 gave 2), so the test asks for
+    # ≥ 2 stages, all type A, and for the staircase itself: plateau medians rising with the learned rank, each within
+    # 20 % of Aoyagi's λ.
+    assert summary["num_type_A"] >= 2 and set(summary["stage_kinds"]) == {"A"}
+    medians = [row["llc_median"] for row in summary["plateaus"][1:]]  # rank 0: not near a minimum, excluded
+    assert all(m is not None for m in medians) and medians == sorted(medians), summary["plateaus"]
+    for row in summary["plateaus"][1:]:
+        assert abs(row["rel_error"]) <= 0.2, row
     assert (out / "report.md").exists() and (out / "figures" / "stages.png").stat().st_size > 10_000
     assert list((offline / "wandb").glob("offline-run-*/*.wandb"))
     t0 = time.perf_counter()  # a second run reuses the checkpoints and the results store

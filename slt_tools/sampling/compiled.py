@@ -1,11 +1,12 @@
-"""The compiled sampler step: an inductor backend tuned for small batched models, and a pinned call path.
+"""The compiled sampler step: an inductor backend tuned for batched chains, and a pinned call path.
 
 ``torch.compile`` costs little per step on a GPU-sized model but a lot on the small models SLT studies: on a
 2k-parameter MLP with 8 chains, dynamo's frame evaluation and wrappers took ≈ 50 µs of a ≈ 250 µs step, and
 inductor's Python wrapper (buffer allocations, size asserts, views) ≈ 40 µs more. Two remedies live here:
 
-* :func:`inductor_backend` compiles CPU graphs with inductor's C++ wrapper and computes narrow-output batched matmuls
-  transposed (below), and records which compiled graph ran last with which inputs;
+* :func:`inductor_backend` compiles CPU graphs with inductor's C++ wrapper, rewrites two patterns that batched chains
+  produce (:func:`rewrite_graph`: narrow-output batched matmuls, cross-entropy's one-hot gradient), and records which
+  compiled graph ran last with which inputs;
 * :class:`PinnedStep` calls that graph directly for the rest of a sampling loop whose inputs keep one structure and
   shape (cached data): step t's tensors take the places step 0's tensors had among the graph's inputs. It pins only a
   step that ran as exactly one graph whose every input and output it can place; otherwise the loop stays on the
@@ -19,10 +20,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import cache
 from typing import Any
 
 import torch
+from torch._guards import detect_fake_mode
 from torch.utils._pytree import tree_flatten
 
 
@@ -45,16 +48,105 @@ class _LastGraphCall(threading.local):
 GRAPH_CALLS = _LastGraphCall()
 
 
+_aten = torch.ops.aten
+
+
+def _transposed(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
+    out = graph.call_function(_aten.permute.default, (node, [0, 2, 1]))
+    out.meta["val"] = node.meta["val"].permute(0, 2, 1)
+    return out
+
+
+def _narrow_bmm_first(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
+    """A·B with output (b, M, N), N < 16, M ≥ 4N  ↦  (Bᵀ·Aᵀ)ᵀ."""
+    val = node.meta.get("val")
+    if val is None or not all(isinstance(n, int) for n in val.shape):
+        return False
+    _, rows, cols = val.shape
+    if not (cols < 16 and rows >= 4 * cols):
+        return False
+    a, b = node.args
+    with graph.inserting_before(node):
+        bt, at = _transposed(graph, b), _transposed(graph, a)
+        prod = graph.call_function(_aten.bmm.default, (bt, at))
+        prod.meta["val"] = torch.bmm(bt.meta["val"], at.meta["val"])
+        node.replace_all_uses_with(_transposed(graph, prod))
+    graph.erase_node(node)
+    return True
+
+
+def _one_hot_scatter_add(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
+    """scatter_add(full(c), d, index, src) with index and src of the output's shape but size 1 along d
+    ↦  where(index == arange along d, src + c, c)."""
+    base, dim, index, src = node.args
+    if not (isinstance(base, torch.fx.Node) and base.target is _aten.full.default and isinstance(index, torch.fx.Node)
+            and isinstance(src, torch.fx.Node)):
+        return False
+    out, idx, val, fill = node.meta.get("val"), index.meta.get("val"), src.meta.get("val"), base.args[1]
+    if out is None or idx is None or val is None or not isinstance(fill, (int, float)):
+        return False
+    dim = dim % out.dim()
+    expected = [1 if d == dim else n for d, n in enumerate(out.shape)]
+    if (list(idx.shape) != expected or list(val.shape) != expected or val.dtype != out.dtype
+            or not all(isinstance(n, int) for n in out.shape)):
+        return False
+    positions = [1] * out.dim()
+    positions[dim] = out.shape[dim]
+    with graph.inserting_before(node), detect_fake_mode([out]) or nullcontext():
+        iota = graph.call_function(torch.ops.prims.iota.default, (out.shape[dim],),
+                                   {"start": 0, "step": 1, "dtype": idx.dtype, "device": out.device,
+                                    "requires_grad": False})
+        iota.meta["val"] = torch.arange(out.shape[dim], dtype=idx.dtype, device=out.device)
+        grid = graph.call_function(_aten.view.default, (iota, positions))
+        grid.meta["val"] = iota.meta["val"].view(positions)
+        hit = graph.call_function(_aten.eq.Tensor, (index, grid))
+        hit.meta["val"] = torch.eq(idx, grid.meta["val"])
+        value = src
+        if fill != 0:
+            value = graph.call_function(_aten.add.Tensor, (src, fill))
+            value.meta["val"] = val + fill
+        rest = graph.call_function(_aten.full.default, ([], fill),
+                                   {"dtype": out.dtype, "device": out.device, "pin_memory": False})
+        rest.meta["val"] = torch.full([], fill, dtype=out.dtype, device=out.device)
+        onehot = graph.call_function(_aten.where.self, (hit, value, rest))
+        onehot.meta["val"] = torch.where(hit.meta["val"], value.meta["val"], rest.meta["val"])
+        node.replace_all_uses_with(onehot)
+    graph.erase_node(node)
+    if not base.users:
+        graph.erase_node(base)
+    return True
+
+
+_REWRITES = {_aten.bmm.default: _narrow_bmm_first, _aten.scatter_add.default: _one_hot_scatter_add}
+
+
+def rewrite_graph(graph: torch.fx.Graph) -> dict[str, int]:
+    """The post-grad graph pass of :func:`inductor_backend`, in place; returns how often each rewrite applied.
+
+    * ``narrow_bmm_first``: a batched matmul whose output has few columns, A·B with out (b, M, N), N < 16, M ≥ 4N,
+      becomes (Bᵀ·Aᵀ)ᵀ. MKL's batched GEMM is 2.3–2.5× slower on the narrow-output form (the last layer of a network
+      and its weight gradient: (8,100,64)·(8,64,10) for the benchmark MLP); the transposes are free views.
+    * ``one_hot_scatter_add``: the gradient of cross-entropy under ``vmap`` scatters −1/N into a zero tensor the size
+      of the logits (C × tokens × vocabulary: 32 MiB for the benchmark transformer), which inductor writes to memory
+      and reads back. With one index per row, the scatter is a one-hot mask, ``where(index == arange, src, 0)``, that
+      fuses into the softmax backward's kernel. Exact: every output element receives at most one addend.
+    """
+    counts: dict[str, int] = {}
+    for node in list(graph.nodes):
+        rewrite = _REWRITES.get(node.target) if node.op == "call_function" else None
+        if rewrite is not None and rewrite(graph, node):
+            name = rewrite.__name__.lstrip("_")
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 @cache
 def inductor_backend() -> Any:
-    """Inductor with one extra post-grad pass and, on CPU, the C++ wrapper; created once (a new backend object per
-    call would recompile).
+    """Inductor with :func:`rewrite_graph` as an extra post-grad pass and, on CPU, the C++ wrapper; created once (a
+    new backend object per call would recompile).
 
-    The pass rewrites a batched matmul whose output has few columns, A·B with out (b, M, N), N < 16, M ≥ 4N, as
-    (Bᵀ·Aᵀ)ᵀ: MKL's batched GEMM is 2.3–2.5× slower on the narrow-output form (the last layer of a network and its
-    weight gradient: (8,100,64)·(8,64,10) here), and the transposes are free views. The C++ wrapper replaces the
-    per-call Python that allocates buffers and checks input sizes (8–12 % of a small MLP step). Falls back to plain
-    inductor where the custom-pass interface is missing (older torch).
+    The C++ wrapper replaces the per-call Python that allocates buffers and checks input sizes (8–12 % of a small MLP
+    step). Falls back to plain inductor where the custom-pass interface is missing (older torch).
     """
     try:
         from torch._inductor import config as inductor_config
@@ -62,33 +154,15 @@ def inductor_backend() -> Any:
         from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
     except ImportError:
         return "inductor"
-    aten = torch.ops.aten
 
-    def transposed(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
-        out = graph.call_function(aten.permute.default, (node, [0, 2, 1]))
-        out.meta["val"] = node.meta["val"].permute(0, 2, 1)
-        return out
-
-    class NarrowBmmFirst(CustomGraphPass):
+    class Rewrites(CustomGraphPass):
         def __call__(self, graph: torch.fx.Graph) -> None:
-            for node in list(graph.nodes):
-                val = node.meta.get("val") if node.target is aten.bmm.default else None
-                if val is None or not all(isinstance(n, int) for n in val.shape):
-                    continue
-                _, rows, cols = val.shape
-                if cols < 16 and rows >= 4 * cols:
-                    a, b = node.args
-                    with graph.inserting_before(node):
-                        bt, at = transposed(graph, b), transposed(graph, a)
-                        prod = graph.call_function(aten.bmm.default, (bt, at))
-                        prod.meta["val"] = torch.bmm(bt.meta["val"], at.meta["val"])
-                        node.replace_all_uses_with(transposed(graph, prod))
-                    graph.erase_node(node)
+            rewrite_graph(graph)
 
         def uuid(self) -> Any:
             return get_hash_for_files((__file__,))
 
-    patches = {"post_grad_custom_post_pass": NarrowBmmFirst()}
+    patches = {"post_grad_custom_post_pass": Rewrites()}
     has_cpp_wrapper = hasattr(inductor_config, "cpp_wrapper")
 
     def backend(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:

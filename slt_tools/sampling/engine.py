@@ -3,8 +3,9 @@
 All chains of a block advance together: one vmapped forward/backward per step for every chain, in-place updates of
 the stacked parameters θ ∈ R^{C×D}, per-step losses written into a device buffer (no host synchronisation in the
 loop except a divergence check every ``check_every`` steps). Chain c draws its Gaussian noise from its own generator
-seeded by (seed, c) and all chains see the same seeded minibatch sequence, so a chain's trajectory is a function of
-(seed, c) alone — independent of how chains are grouped into blocks or spread over processes.
+seeded by (seed, c) (:mod:`slt_tools.sampling.noise`) and all chains see the same seeded minibatch sequence, so a
+chain's trajectory is a function of (seed, c) alone — independent of how chains are grouped into blocks or spread
+over processes.
 """
 from __future__ import annotations
 
@@ -18,13 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from slt_tools.sampling.functional import BatchedLossGrad
+from slt_tools.sampling.noise import NoisePool
 from slt_tools.sampling.samplers import Sampler
-
-
-def chain_seed(seed: int, chain: int) -> int:
-    """Independent 63-bit seed for chain ``chain`` (numpy SeedSequence spawn keys)."""
-    return int(np.random.SeedSequence(int(seed), spawn_key=(int(chain),)).generate_state(2, np.uint32)
-               .astype(np.uint64).dot([1, 2**32]) % (2**63 - 1))
 
 
 def data_seed(seed: int) -> int:
@@ -41,41 +37,6 @@ class ChainOutput:
     mala_count: int
     steps_run: int
     start_distance: torch.Tensor | None = None  # (C,) ‖w₀ − w*‖ of overdispersed starts
-
-
-class NoisePool:
-    """Per-chain N(0, I) noise, drawn ``block`` steps at a time from each chain's own generator.
-
-    One ``randn`` call per chain and block instead of per step removes most of the per-step generator overhead. The
-    block length depends only on D (≤ 2^19 numbers per chain), so chain c's noise sequence is a function of
-    (seed, c, D) alone — not of how many chains run beside it.
-    """
-
-    def __init__(self, chain_ids: Sequence[int], seed: int, dim: int, device: torch.device, dtype: torch.dtype,
-                 max_block_numel: int = 2**19, max_block: int = 64) -> None:
-        self.gens = [torch.Generator(device=device).manual_seed(chain_seed(seed, c)) for c in chain_ids]
-        self.block = max(1, min(max_block, max_block_numel // max(dim, 1)))
-        self.buf = torch.empty(len(self.gens), self.block, dim, device=device, dtype=dtype)
-        self.i = self.block
-        self._index = [torch.tensor(i, device=device) for i in range(self.block)]  # 0-d, each its own storage
-
-    def _advance(self) -> None:
-        if self.i == self.block:
-            for row, gen in zip(self.buf, self.gens):
-                torch.randn(row.shape, generator=gen, device=row.device, dtype=row.dtype, out=row)
-            self.i = 0
-        self.i += 1
-
-    def __call__(self) -> torch.Tensor:
-        """Noise for the next step of every chain, shape (C, D) (a view into the pool: use before the next call)."""
-        self._advance()
-        return self.buf[:, self.i - 1]
-
-    def indexed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next step's noise as (pool (C, block, D), 0-d index): ``pool[:, index]`` is what ``__call__`` would
-        return. A compiled step takes this pair, so its inputs keep one storage layout and it never recompiles."""
-        self._advance()
-        return self.buf, self._index[self.i - 1]
 
 
 def overdispersed_start(

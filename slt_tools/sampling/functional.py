@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from slt_tools.sampling.compiled import GRAPH_CALLS, PinnedStep, allow_recompiles, inductor_backend
+from slt_tools.sampling.noise import pick_noise
 from slt_tools.sampling.samplers import update
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -214,7 +215,7 @@ class BatchedLossGrad:
             if out is not None:
                 return out
         losses, grads = self._eager(theta, batch)
-        new_theta, new_state = update(kind, theta, theta0, grads, pick_noise(noise), state, hp)
+        new_theta, new_state = update(kind, theta, theta0, grads, pick_noise(noise, theta), state, hp)
         return losses, grads, new_theta, new_state
 
     @contextmanager
@@ -235,14 +236,6 @@ class BatchedLossGrad:
         return self._eager(theta, batch)
 
 
-def pick_noise(noise: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """A step's (C, D) noise from a tensor or from a :meth:`NoisePool.indexed` pair."""
-    if isinstance(noise, tuple):
-        pool, index = noise
-        return pool.index_select(1, index.reshape(1)).squeeze(1)
-    return noise
-
-
 def _fused_step(
     batched: Callable[[torch.Tensor, Any], torch.Tensor],
     theta: torch.Tensor,
@@ -259,5 +252,5 @@ def _fused_step(
         return losses.sum(), losses
 
     grads, losses = torch.func.grad(total, has_aux=True)(theta)
-    new_theta, new_state = update(kind, theta, theta0, grads, pick_noise(noise), state, hp)
+    new_theta, new_state = update(kind, theta, theta0, grads, pick_noise(noise, theta), state, hp)
     return losses.detach(), grads, new_theta, new_state
