@@ -144,8 +144,9 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def speed(quick: bool, chains: int, repeats: int = 5) -> list[dict]:
-    """Wall times per method: best of ``repeats`` rounds (1 for the transformer), methods interleaved within a round
+def speed(quick: bool, chains: int, repeats: int = 5, large_repeats: int = 3) -> list[dict]:
+    """Wall times per method: best of ``repeats`` rounds (``large_repeats`` for the transformer, whose round takes
+    ≈ 50 s; the matmul peak it is compared with is a best-of too), methods interleaved within a round
     so that drifts of this shared VM's speed hit all of them alike; every method gets a warm-up call first. The
     matmul peak that FLOP/s are compared with is measured right before and right after each model's timings (the
     higher of the two): this VM's speed drifts by up to 1.5× within minutes."""
@@ -175,7 +176,7 @@ def speed(quick: bool, chains: int, repeats: int = 5) -> list[dict]:
         if devinterp_time(model, loader, lf, chains, 5, lr, gamma, nbeta) is not None:  # warm-up
             methods["devinterp"] = partial(devinterp_time, model, loader, lf, chains, steps, lr, gamma, nbeta)
         params = sum(p.numel() for p in model.parameters())
-        rounds = 1 if params > 1e5 else repeats
+        rounds = large_repeats if params > 1e5 else repeats
         peak = matmul_peak()
         best = {k: timed(fn) for k, fn in methods.items()}
         for _ in range(rounds - 1):
