@@ -70,28 +70,25 @@ class NoisePool:
         udtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.uniforms = torch.empty(len(chain_ids), self.block, width, device=device, dtype=udtype)
         seeds = [chain_seed(seed, c) for c in chain_ids]
-        if device.type == "cpu":
-            self._rngs = [np.random.Generator(np.random.PCG64DXSM(s)) for s in seeds]
-            self._rows = [row.numpy().reshape(-1) for row in self.uniforms]
-        else:
-            self._gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        on_cpu = device.type == "cpu"
+        self._rngs = [np.random.Generator(np.random.PCG64DXSM(s)) for s in seeds] if on_cpu else []
+        self._rows = [row.numpy().reshape(-1) for row in self.uniforms] if on_cpu else []  # views of the pool
+        self._gens = [] if on_cpu else [torch.Generator(device=device).manual_seed(s) for s in seeds]
         self._normals: torch.Tensor | None = None
         self.i = self.block
         self._index = [torch.tensor(i, device=device) for i in range(self.block)]  # 0-d, each its own storage
 
     def _fill(self) -> None:
-        if hasattr(self, "_rngs"):
-            def one(c: int) -> None:
-                self._rngs[c].random(dtype=self._rows[c].dtype, out=self._rows[c])
+        def one(c: int) -> None:
+            self._rngs[c].random(dtype=self._rows[c].dtype, out=self._rows[c])
 
-            if self.uniforms.numel() >= self.THREADED_FILL and len(self._rngs) > 1:
-                list(_fill_threads().map(one, range(len(self._rngs))))
-            else:
-                for c in range(len(self._rngs)):
-                    one(c)
+        if len(self._rngs) > 1 and self.uniforms.numel() >= self.THREADED_FILL:
+            list(_fill_threads().map(one, range(len(self._rngs))))
         else:
-            for row, gen in zip(self.uniforms, self._gens):
-                torch.rand(row.shape, generator=gen, device=row.device, dtype=row.dtype, out=row)
+            for c in range(len(self._rngs)):
+                one(c)
+        for row, gen in zip(self.uniforms, self._gens):
+            torch.rand(row.shape, generator=gen, device=row.device, dtype=row.dtype, out=row)
         self._normals = None
 
     def _advance(self) -> None:
