@@ -93,12 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     loss = lambda m, b: F.mse_loss(m(b[0]), b[1])  # noqa: E731
     mlp_a, mlp_b = (train_mlp(seed, x, y, width=128, steps=800) for seed in (0, 1))
     copy_a = shuffled(mlp_a, 2, symmetry_spec(mlp_a))
-    curves = {"A vs permuted copy of A, naive": interpolate(mlp_a, copy_a, loss, loader, num_points=21, model=mlp_a),
-              "A vs B (another seed), naive": interpolate(mlp_a, mlp_b, loss, loader, num_points=21)}
+    curves = {"A vs permuted copy of A, naive": interpolate(mlp_a, copy_a, loader, loss, num_points=21, model=mlp_a),
+              "A vs B (another seed), naive": interpolate(mlp_a, mlp_b, loader, loss, num_points=21)}
     (aligned_copy, _), t_small = timed(align, mlp_a, copy_a, spec=symmetry_spec(mlp_a))
     aligned_b, _ = align(mlp_a, mlp_b)
-    copy_after = interpolate(mlp_a, aligned_copy, loss, loader, num_points=21, model=mlp_a)
-    curves["A vs B after weight matching"] = interpolate(mlp_a, aligned_b, loss, loader, num_points=21, model=mlp_a)
+    copy_after = interpolate(mlp_a, aligned_copy, loader, loss, num_points=21, model=mlp_a)
+    curves["A vs B after weight matching"] = interpolate(mlp_a, aligned_b, loader, loss, num_points=21, model=mlp_a)
     plot_interpolation(curves, path=args.figure, title="Trained ReLU MLPs 8-128-128-1: loss along straight lines")
     barriers = {label: {"linear": c.barrier("linear"), "mean": c.barrier("mean")} for label, c in curves.items()}
     barriers["A vs permuted copy of A, after weight matching"] = {"linear": copy_after.barrier("linear"),

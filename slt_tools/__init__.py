@@ -1,14 +1,35 @@
 """slt_tools: singular learning theory tools for PyTorch.
 
-Public API (kept small and stable): LLC estimation (:func:`estimate_llc`, :func:`calibrate_llc`), LLC over training
-(:func:`llc_trajectory`, :class:`LLCTracker`), developmental stages (:func:`detect_stages`) and W&B logging
-(:class:`WandbLogger`). Submodules: :mod:`slt_tools.theory` (closed-form learning coefficients),
-:mod:`slt_tools.symmetry` (canonical forms, alignment, barriers), :mod:`slt_tools.geometry` (Hessian, eNTK),
-:mod:`slt_tools.models`, :mod:`slt_tools.plots`. wandb and matplotlib are imported only when used.
+Public API (kept small and stable): LLC estimation (:func:`estimate_llc`, :func:`sample_llc`, :class:`LLCConfig`,
+:func:`calibrate_llc`), LLC over training (:func:`llc_trajectory`, :class:`LLCTracker`), developmental stages
+(:func:`detect_stages`) and W&B logging (:class:`WandbLogger`). Submodules are reachable as attributes and imported on
+first use (``slt_tools.theory``, ``.symmetry``, ``.geometry``, ``.models``, ``.plots``, ``.sampling``, ``.stages``,
+``.trajectory``, ``.logging``, ``.synthetic``, ``.cli``): wandb and matplotlib are imported only when used.
 """
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from slt_tools.logging import WandbLogger
-from slt_tools.sampling import LLCDivergenceError, LLCResult, combine_results, estimate_llc
-from slt_tools.sampling.calibration import Calibration, CalibrationError, calibrate_llc
+from slt_tools.sampling import (
+    Calibration,
+    CalibrationError,
+    DivergenceWarning,
+    LLCConfig,
+    LLCDiagnostics,
+    LLCDivergenceError,
+    LLCResult,
+    LLCWarning,
+    NegativeLLCWarning,
+    NotConvergedWarning,
+    NotStationaryWarning,
+    SamplingFallbackWarning,
+    calibrate_llc,
+    combine_results,
+    estimate_llc,
+    sample_llc,
+)
 from slt_tools.stages import Stage, detect_stages
 from slt_tools.trajectory import (
     CheckpointError,
@@ -21,8 +42,27 @@ from slt_tools.trajectory import (
 
 __version__ = "0.1.0"
 
+#: submodules importable as attributes (``slt_tools.theory``), loaded on first access as numpy/scipy do
+_SUBMODULES = ("cli", "geometry", "logging", "models", "plots", "sampling", "stages", "symmetry", "synthetic",
+               "theory", "trajectory")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        module = importlib.import_module(f"{__name__}.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SUBMODULES))
+
+
 __all__ = [
-    "Calibration", "CalibrationError", "CheckpointError", "LLCDivergenceError", "LLCResult", "LLCTracker", "Stage",
-    "Trajectory", "WandbLogger", "calibrate_llc", "combine_results", "detect_stages", "estimate_llc",
-    "llc_trajectory", "log_schedule", "save_checkpoint",
+    "Calibration", "CalibrationError", "CheckpointError", "DivergenceWarning", "LLCConfig", "LLCDiagnostics",
+    "LLCDivergenceError", "LLCResult", "LLCTracker", "LLCWarning", "NegativeLLCWarning", "NotConvergedWarning",
+    "NotStationaryWarning", "SamplingFallbackWarning", "Stage", "Trajectory", "WandbLogger", "calibrate_llc",
+    "combine_results", "detect_stages", "estimate_llc", "llc_trajectory", "log_schedule", "sample_llc",
+    "save_checkpoint",
 ]

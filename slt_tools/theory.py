@@ -6,6 +6,7 @@ F_n = n·L_n(w0) + λ·log n − (m − 1)·log log n + O_p(1) (Watanabe 2009).
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from fractions import Fraction
 from math import ceil
@@ -112,16 +113,45 @@ def rrr_learning_coefficient(M: int, H: int, N: int, r: int) -> tuple[Fraction, 
     return Fraction(base + 1, 8), 2
 
 
-def dln_jacobian_rank_llc(weights: Sequence[np.ndarray], rtol: float = 1e-6) -> Fraction:
+class NotMorseBottWarning(RuntimeWarning):
+    """rank(J)/2 < Aoyagi's global λ: the point is not Morse–Bott, so rank(J)/2 is not its LLC."""
+
+
+def _as_float_matrix(w: object) -> tuple[np.ndarray, float]:
+    """(float64 copy, machine epsilon of the input's own dtype): ranks of float32 weights need float32 tolerances."""
+    if hasattr(w, "detach"):  # a torch tensor
+        w = w.detach().cpu().numpy()  # type: ignore[union-attr]
+    arr = np.asarray(w)
+    eps = float(np.finfo(arr.dtype).eps) if np.issubdtype(arr.dtype, np.floating) else float(np.finfo(float).eps)
+    return arr.astype(float), eps
+
+
+def numerical_rank(a: np.ndarray, eps: float, rtol: float | None = None) -> int:
+    """Number of singular values above ``rtol``·σ_max, with ``rtol`` = max(shape)·eps by default (numpy's rule,
+    but with the epsilon of the data's own precision)."""
+    sv = np.linalg.svd(np.atleast_2d(a), compute_uv=False)
+    if not sv.size or sv.max() == 0:
+        return 0
+    tol = max(a.shape) * eps if rtol is None else rtol
+    return int((sv > tol * sv.max()).sum())
+
+
+def dln_jacobian_rank_llc(weights: Sequence[np.ndarray], rtol: float | None = None) -> Fraction:
     """Local learning coefficient rank(J)/2 at a Morse–Bott point of a deep linear network.
 
     J is the Jacobian of (W_1, …, W_L) ↦ W_L⋯W_1 (``weights[i]`` has shape (H_{i+1}, H_i), as ``nn.Linear``). From
     d(W_L⋯W_1) = Σ_i A_i·dW_i·B_i with A_i = W_L⋯W_{i+1}, B_i = W_{i−1}⋯W_1, the block of J for W_i is
-    B_iᵀ ⊗ A_i (column-major vec). The rank uses singular values above ``rtol``·σ_max.
+    B_iᵀ ⊗ A_i (column-major vec). Ranks count singular values above ``rtol``·σ_max, by default max(shape)·ε with ε
+    the machine epsilon of the weights' own dtype (float32 weights keep "zero" singular values near 1e-7·σ_max).
+
+    The LLC at a true parameter is at least Aoyagi's global λ (its minimum over the true parameters), so a value
+    rank(J)/2 below :func:`dln_learning_coefficient` proves the point is not Morse–Bott: then rank(J)/2 is not its
+    LLC, and a :class:`NotMorseBottWarning` says so.
     """
-    ws = [np.asarray(w, dtype=float) for w in weights]
-    if not ws:
+    pairs = [_as_float_matrix(w) for w in weights]
+    if not pairs:
         raise ValueError("need at least one weight matrix")
+    ws, eps = [w for w, _ in pairs], max(e for _, e in pairs)
     for a, b in zip(ws[:-1], ws[1:]):
         if b.shape[1] != a.shape[0]:
             raise ValueError(f"weight shapes do not chain: {a.shape} then {b.shape}")
@@ -135,6 +165,14 @@ def dln_jacobian_rank_llc(weights: Sequence[np.ndarray], rtol: float = 1e-6) -> 
             right = w @ right
         blocks.append(np.kron(right.T, left))
     jac = np.concatenate(blocks, axis=1)
-    sv = np.linalg.svd(jac, compute_uv=False)
-    rank = int((sv > rtol * sv.max()).sum()) if sv.size and sv.max() > 0 else 0
-    return Fraction(rank, 2)
+    value = Fraction(numerical_rank(jac, eps, rtol), 2)
+    product = ws[0]
+    for w in ws[1:]:
+        product = w @ product
+    widths = [ws[0].shape[1], *(w.shape[0] for w in ws)]
+    global_lambda, _ = dln_learning_coefficient(widths, numerical_rank(product, eps, rtol))
+    if value < global_lambda:
+        warnings.warn(f"rank(J)/2 = {value} is below Aoyagi's global λ = {global_lambda} for widths {widths}: this "
+                      "point is not Morse–Bott, so rank(J)/2 is not its local learning coefficient (which is ≥ the "
+                      "global λ)", NotMorseBottWarning, stacklevel=2)
+    return value

@@ -19,3 +19,21 @@ def test_guide_code_blocks_run(tmp_path, monkeypatch):
             exec(compile(code, f"{GUIDE.name}[block {i}]", "exec"), namespace)  # noqa: S102
     assert abs(namespace["res"].llc_mean - 14.5) < 0.15 * 14.5
     assert [s.kind for s in namespace["stages"]] == namespace["curves"].kinds
+
+
+#: user docs whose every python block is a complete, runnable example (the others show fragments)
+RUNNABLE_DOCS = ("llc.md",)  # symmetry.md: tests/test_symmetry.py
+
+
+def test_runnable_docs_blocks_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)
+    for name in RUNNABLE_DOCS:
+        path = GUIDE.parent / name
+        blocks = re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+        assert blocks, name
+        namespace: dict = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for i, code in enumerate(blocks):
+                exec(compile(code, f"{name}[block {i}]", "exec"), namespace)  # noqa: S102

@@ -259,8 +259,9 @@ def test_overdispersed_start_contracts_and_is_reproducible(small_problem):
     """init_spread > 0: chains start away from w* (no farther than s·u), the first drift step contracts, the start
     is a function of (seed, chain) alone, and burn-in brings the chains back to the same λ̂ as chains from w*."""
     from slt_tools.sampling.engine import NoisePool, overdispersed_start
-    from slt_tools.sampling.functional import BatchedLossGrad, FlatParams, make_loss
+    from slt_tools.sampling.functional import FlatParams, make_loss
     from slt_tools.sampling.samplers import Sampler
+    from slt_tools.sampling.steps import BatchedLossGrad
 
     model, loader = small_problem
     kw = dict(num_chains=4, num_draws=400, num_burnin_steps=400, lr=1e-4, localization=10.0, seed=2)
@@ -371,8 +372,9 @@ def test_guard_skipping_ends_with_the_loop(small_problem):
     import torch._dynamo.eval_frame as eval_frame
 
     from slt_tools.sampling.engine import run_chains
-    from slt_tools.sampling.functional import BatchedLossGrad, FlatParams, make_loss, select_parameters
+    from slt_tools.sampling.functional import FlatParams, make_loss, select_parameters
     from slt_tools.sampling.samplers import Sampler
+    from slt_tools.sampling.steps import BatchedLossGrad
 
     model, loader = small_problem
     layout = FlatParams.from_model(model, select_parameters(model))
@@ -399,8 +401,9 @@ def test_guard_skipping_ends_with_the_loop(small_problem):
 def _pinning_run(loss_fn, batches, model, mala_every=0, steps=30, restrict_to=None):
     """(loss trace, dynamo-path calls, pin_error) of a compiled fixed-shape loop, and the eager loop's trace."""
     from slt_tools.sampling.engine import run_chains
-    from slt_tools.sampling.functional import BatchedLossGrad, FlatParams, make_loss, select_parameters
+    from slt_tools.sampling.functional import FlatParams, make_loss, select_parameters
     from slt_tools.sampling.samplers import Sampler
+    from slt_tools.sampling.steps import BatchedLossGrad
 
     layout = FlatParams.from_model(model, select_parameters(model, restrict_to))
     out = {}
@@ -408,7 +411,8 @@ def _pinning_run(loss_fn, batches, model, mala_every=0, steps=30, restrict_to=No
         loss_grad = BatchedLossGrad(make_loss(model, layout, loss_fn), compile=compiled)
         calls: list[int] = []
         if compiled:
-            loss_grad._compiled = lambda *a, f=loss_grad._compiled, log=calls: log.append(1) or f(*a)
+            path = loss_grad.compiled_path
+            path.fn = lambda *a, f=path.fn, log=calls: log.append(1) or f(*a)
         res = run_chains(loss_grad, layout.flatten(model), itertools.cycle(batches),
                          lambda: Sampler("sgld", 1e-4, 10.0, 100.0), [0, 1, 2], seed=0, num_draws=steps,
                          mala_every=mala_every, fixed_shapes=True)
@@ -452,8 +456,9 @@ def test_loop_stops_when_every_chain_has_diverged(small_problem):
     """The engine stops at the first divergence check after every chain's loss is non-finite; the draws recorded up to
     there stay in the trace (the first one finite) and the rest are NaN."""
     from slt_tools.sampling.engine import run_chains
-    from slt_tools.sampling.functional import BatchedLossGrad, FlatParams, make_loss, select_parameters
+    from slt_tools.sampling.functional import FlatParams, make_loss, select_parameters
     from slt_tools.sampling.samplers import Sampler
+    from slt_tools.sampling.steps import BatchedLossGrad
 
     model, loader = small_problem
     layout = FlatParams.from_model(model, select_parameters(model))

@@ -251,13 +251,13 @@ def test_barrier_vanishes_after_alignment():
     model = _trained_mlp(0, x, y)
     moved, _ = symmetry_copy(model, torch.Generator().manual_seed(5))
     loss = lambda m, b: F.mse_loss(m(b[0]), b[1])  # noqa: E731
-    before = loss_barrier(model, moved, loss, loader, num_points=11, model=model)
+    before = loss_barrier(model, moved, loader, loss, num_points=11, model=model)
     aligned, _ = align(model, moved)  # in the reference's gauge: interpolate against the raw model
-    curve = interpolate(model, aligned, loss, loader, num_points=11, model=model)
+    curve = interpolate(model, aligned, loader, loss, num_points=11, model=model)
     assert before > 0.05 and curve.barrier() < 1e-4, (before, curve.barrier())
     assert curve.barrier("mean") < 1e-4
     canonical_frame, _ = align(model, moved, frame="canonical")
-    curve = interpolate(slt.symmetry.fix_gauges(model), canonical_frame, loss, loader, num_points=11, model=model)
+    curve = interpolate(slt.symmetry.fix_gauges(model), canonical_frame, loader, loss, num_points=11, model=model)
     assert curve.barrier() < 1e-4
 
 
@@ -342,7 +342,7 @@ def test_interpolation_resets_batchnorm_statistics():
     loader = DataLoader(TensorDataset(x, y), batch_size=256)
     loss = lambda m, b: F.mse_loss(m(b[0]), b[1])  # noqa: E731
     stale = {k: v.clone() for k, v in net.state_dict().items()}  # running mean 0, var 1: wrong for this data
-    curve = interpolate(stale, stale, loss, loader, num_points=3, model=net)
+    curve = interpolate(stale, stale, loader, loss, num_points=3, model=net)
     fresh = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8, momentum=None), nn.ReLU(), nn.Linear(8, 1))
     fresh.load_state_dict(stale)
     fresh.train()
@@ -380,7 +380,7 @@ def test_unsupported_architectures_are_named():
     with pytest.raises(TypeError, match="state dict"):
         canonicalize([1, 2], spec=symmetry_spec(model))
     with pytest.raises(ValueError, match="definition"):
-        interpolate(model, model, lambda m, b: m(b[0]).sum(), [(torch.zeros(2, 3),)], 3).barrier("max")
+        interpolate(model, model, [(torch.zeros(2, 3),)], lambda m, b: m(b[0]).sum(), 3).barrier("max")
 
 
 def test_symmetry_doc_examples_run():

@@ -1,4 +1,37 @@
-"""Batched SGMCMC sampling and LLC estimation."""
-from slt_tools.sampling.llc import LLCDivergenceError, LLCResult, combine_results, default_nbeta, estimate_llc
+"""Batched SGMCMC sampling and LLC estimation.
 
-__all__ = ["LLCDivergenceError", "LLCResult", "combine_results", "default_nbeta", "estimate_llc"]
+Layers, bottom up (no module imports one above it):
+``rules`` (update rules registry) → ``samplers`` (rule + hyperparameters + state) → ``noise``, ``data``,
+``functional`` (flat parameter views), ``compiled`` (torch.compile internals) → ``steps`` (step paths) → ``engine``
+(the hot loop) → ``result``, ``config`` → ``estimate`` (:func:`sample_llc`, one run) → ``calibration`` →
+``auto`` (:func:`estimate_llc`, the self-calibrating driver).
+"""
+from slt_tools.sampling.auto import estimate_llc
+from slt_tools.sampling.calibration import CalibrationError, CalibrationSettings, calibrate_llc
+from slt_tools.sampling.config import LLCConfig, LocalizationWarning
+from slt_tools.sampling.estimate import LLCProblem, default_nbeta, sample_llc
+from slt_tools.sampling.result import (
+    Calibration,
+    CalibrationCandidate,
+    DivergenceWarning,
+    LLCDiagnostics,
+    LLCDivergenceError,
+    LLCResult,
+    LLCWarning,
+    NegativeLLCWarning,
+    NotConvergedWarning,
+    NotStationaryWarning,
+    PerChainDiagnostics,
+    ProbeRecord,
+    SamplingFallbackWarning,
+    combine_results,
+)
+from slt_tools.sampling.rules import RULES, Rule, register
+
+__all__ = [
+    "RULES", "Calibration", "CalibrationCandidate", "CalibrationError", "CalibrationSettings", "DivergenceWarning",
+    "LLCConfig", "LLCDiagnostics", "LLCDivergenceError", "LLCProblem", "LLCResult", "LLCWarning",
+    "LocalizationWarning", "NegativeLLCWarning", "NotConvergedWarning", "NotStationaryWarning",
+    "PerChainDiagnostics", "ProbeRecord", "Rule", "SamplingFallbackWarning", "calibrate_llc", "combine_results",
+    "default_nbeta", "estimate_llc", "register", "sample_llc",
+]

@@ -17,7 +17,7 @@ The rule (documented in docs/calibration.md, with the measurements behind it):
    errors); otherwise the smaller step is taken.
 4. **Length from relaxation.** The pilot's integrated autocorrelation time τ of the λ̂ trace sets the burn-in
    (≥ 10 τ) and a number of draws giving ≥ ``min_ess`` effective draws per chain.
-5. **Convergence check after the fact** (in :func:`estimate_llc_calibrated`): if the final trace still drifts, the run
+5. **Convergence check after the fact** (in :mod:`slt_tools.sampling.auto`): if the final trace still drifts, the run
    is extended (×2, up to ``max_extensions`` times); if it never settles, ``diagnostics["converged"]`` is False and a
    warning says so — slowly relaxing, highly degenerate points are reported, not passed off as answers.
 
@@ -27,33 +27,19 @@ counts the sequential steps spent.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 
+from slt_tools.sampling.config import LLCConfig
 from slt_tools.sampling.diagnostics import effective_sample_size
-
-
-@dataclass
-class Calibration:
-    """Chosen hyperparameters, and every candidate tried with its diagnostics and verdict."""
-
-    lr: float
-    localization: float
-    nbeta: float | None
-    num_draws: int
-    num_burnin_steps: int
-    candidates: list[dict[str, Any]] = field(default_factory=list)
-    reason: str = ""
-    wall_time_s: float = 0.0
-    sgld_steps: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from slt_tools.sampling.estimate import LLCProblem, sample
+from slt_tools.sampling.result import Calibration, CalibrationCandidate, LLCDivergenceError, LLCResult
 
 
 class CalibrationError(RuntimeError):
@@ -67,115 +53,144 @@ def _verdict(res: Any, min_acceptance: float) -> str | None:
     acc = d.get("mala_acceptance", float("nan"))
     if math.isfinite(acc) and acc < min_acceptance:
         return f"MALA acceptance {acc:.2f} < {min_acceptance}"
-    if d.get("frac_below_init", 0) > 0.5:
+    if d.get("frac_below_init", 0.0) > 0.5:
         return f"{100 * d['frac_below_init']:.0f}% of draws below L_n(w*)"
     if not math.isfinite(res.llc_mean) or res.llc_mean <= 0:
         return f"λ̂ = {res.llc_mean:.3g} ≤ 0"
     return None
 
 
-def calibrate_llc(
-    model: Any,
-    loader: Any,
-    loss_fn: Any,
-    *,
-    lr: float | None = None,
-    localization: float | None = None,
-    nbeta: float | None = None,
-    nbeta_convention: str = "dataset",
-    sampler: str = "sgld",
-    restrict_to: Any = None,
-    seed: int = 0,
-    device: Any = None,
-    vectorize: bool = True,
-    num_chains: int = 8,
-    num_draws: int = 200,
-    gammas: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0),
-    max_lr: float = 1e-2,
-    min_lr: float = 1e-9,
-    step: float = 3.0,
-    pilot_chains: int = 4,
-    pilot_steps: int | None = None,
-    min_acceptance: float = 0.95,
-    plateau_tol: float = 0.05,
-    min_ess: float = 50.0,
-    budget_fraction: float = 1.0,
-) -> Calibration:
-    """Choose ε (``lr``) and γ (``localization``) for :func:`slt_tools.estimate_llc` — see the module docstring.
 
-    Values the caller fixed (``lr``, ``localization``, ``nbeta``) are kept; only the unset ones are chosen.
-    Raises :class:`CalibrationError` if no setting passes.
-    """
-    from slt_tools.sampling.llc import LLCDivergenceError, estimate_llc
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """The rule's knobs (module docstring): γ candidates, the ε grid (``max_lr`` down to ``min_lr`` by factors of
+    ``step``), pilot size and length, acceptance threshold, plateau tolerance, effective draws wanted, budget."""
 
-    t0 = time.perf_counter()
-    lrs = [lr] if lr is not None else list(max_lr / step ** np.arange(0, int(math.log(max_lr / min_lr, step)) + 1))
-    gs = [localization] if localization is not None else list(gammas)
-    # cost is counted in sequential SGLD steps: chains advance together, so a step of ≤ num_chains pilot chains costs
-    # at most one step of the final run (for small models, where per-step overhead dominates, about the same)
-    pilot_chains = max(1, min(pilot_chains, num_chains))
-    budget = budget_fraction * max(num_draws, 200)
-    steps = pilot_steps or int(max(100, min(2000, budget / 8)))  # pilots total ≈ 5.3 × steps, plus 60-step screens
-    common = dict(nbeta=nbeta, nbeta_convention=nbeta_convention, sampler=sampler, restrict_to=restrict_to,
-                  seed=seed + 7919, device=device, vectorize=vectorize, num_chains=pilot_chains,
-                  on_divergence="exclude", mala_every=10)
-    candidates: list[dict[str, Any]] = []
-    spent = 0
+    gammas: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
+    max_lr: float = 1e-2
+    min_lr: float = 1e-9
+    step: float = 3.0
+    pilot_chains: int = 4
+    pilot_steps: int | None = None
+    min_acceptance: float = 0.95
+    plateau_tol: float = 0.05
+    min_ess: float = 50.0
+    budget_fraction: float = 1.0
 
-    def pilot(eps: float, gamma: float, length: int = steps) -> tuple[Any, str | None]:
-        nonlocal spent
-        burn = length // 3
+    def lr_grid(self, lr: float | None) -> list[float]:
+        if lr is not None:
+            return [lr]
+        return list(self.max_lr / self.step ** np.arange(0, int(math.log(self.max_lr / self.min_lr, self.step)) + 1))
+
+    def pilot_length(self, num_draws: int) -> int:
+        """Pilot steps: pilots total ≈ 5.3 × this, plus 60-step screens, within ``budget_fraction`` of the run."""
+        return self.pilot_steps or int(max(100, min(2000, self.budget_fraction * max(num_draws, 200) / 8)))
+
+
+class _Pilots:
+    """Runs pilot chains for candidate (ε, γ) and keeps the record (candidates, SGLD steps spent)."""
+
+    def __init__(self, problem: LLCProblem, config: LLCConfig, settings: CalibrationSettings) -> None:
+        self.problem, self.settings = problem, settings
+        # cost is counted in sequential SGLD steps: a step of ≤ num_chains pilot chains costs at most one final step
+        self.base = config.replace(num_chains=max(1, min(settings.pilot_chains, config.num_chains)),
+                                   seed=config.seed + 7919, on_divergence="exclude", mala_every=10, init_spread=0.0,
+                                   chain_chunk_size=None, compile=False, num_burnin_steps=0,
+                                   num_steps_bw_draws=1)
+        self.candidates: list[CalibrationCandidate] = []
+        self.spent = 0
+
+    def _sample(self, **changes: Any) -> LLCResult:
+        return sample(self.problem, self.base.replace(**changes))
+
+    def run(self, eps: float, gamma: float, length: int) -> tuple[LLCResult | None, str | None]:
+        """A 60-step screen (MALA every 3 steps: most bad step sizes fail here), then a pilot of ``length`` draws
+        after ``length // 3`` burn-in; (result, why rejected or None)."""
+        burn, min_acc = length // 3, self.settings.min_acceptance
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                # cheap screen first (60 steps, MALA every 3): most bad step sizes fail here
-                spent += 60
-                screen = estimate_llc(model, loader, loss_fn, lr=eps, localization=gamma, num_draws=60,
-                                      **{**common, "mala_every": 3})
-                why = _verdict(screen, min_acceptance)
+                self.spent += 60
+                screen = self._sample(lr=eps, localization=gamma, num_draws=60, mala_every=3)
+                why = _verdict(screen, min_acc)
                 if why is not None and ("diverged" in why or "acceptance" in why):
-                    candidates.append({"lr": eps, "localization": gamma, "verdict": f"rejected (screen): {why}",
-                                       "mala_acceptance": screen.diagnostics.get("mala_acceptance")})
+                    self.candidates.append(CalibrationCandidate(
+                        eps, gamma, f"rejected (screen): {why}",
+                        mala_acceptance=screen.diagnostics.get("mala_acceptance")))
                     return None, why
-                spent += length + burn
-                res = estimate_llc(model, loader, loss_fn, lr=eps, localization=gamma, num_draws=length,
-                                   num_burnin_steps=burn, **common)
+                self.spent += length + burn
+                res = self._sample(lr=eps, localization=gamma, num_draws=length, num_burnin_steps=burn)
             except LLCDivergenceError as exc:
-                candidates.append({"lr": eps, "localization": gamma, "verdict": f"rejected: {exc}"})
+                self.candidates.append(CalibrationCandidate(eps, gamma, f"rejected: {exc}"))
                 return None, "diverged"
-        why = _verdict(res, min_acceptance)
-        candidates.append({"lr": eps, "localization": gamma, "llc_mean": res.llc_mean, "llc_sem": res.llc_sem,
-                           "mala_acceptance": res.diagnostics.get("mala_acceptance"),
-                           "frac_below_init": res.diagnostics.get("frac_below_init"),
-                           "stationary": res.diagnostics.get("stationary"),
-                           "verdict": "ok" if why is None else f"rejected: {why}"})
+        why = _verdict(res, min_acc)
+        d = res.diagnostics
+        self.candidates.append(CalibrationCandidate(
+            eps, gamma, "ok" if why is None else f"rejected: {why}", llc_mean=res.llc_mean, llc_sem=res.llc_sem,
+            mala_acceptance=d.get("mala_acceptance"), frac_below_init=d.get("frac_below_init"),
+            stationary=d.get("stationary")))
         return res, why
 
-    for gamma in gs:
+
+def _plateau_check(pilots: _Pilots, res: LLCResult, eps: float, smaller: float, gamma: float, length: int
+                   ) -> tuple[float, LLCResult, str]:
+    """Compare λ̂ at ε with ε/step at the same diffusion time ε·steps; take the smaller step if λ̂ moved."""
+    s = pilots.settings
+    res2, why2 = pilots.run(smaller, gamma, int(length * s.step))
+    reason = "largest step size passing divergence, MALA-acceptance and minimum checks"
+    if res2 is None or why2 is not None:
+        return eps, res, reason
+    gap = abs(res.llc_mean - res2.llc_mean)
+    tol = max(s.plateau_tol * abs(res2.llc_mean), 3 * math.hypot(res.llc_sem or 0, res2.llc_sem or 0))
+    if gap > tol:
+        return smaller, res2, (f"ε = {eps:.3g} passed the checks but λ̂ moved by {gap:.3g} (> {tol:.3g}) at "
+                               f"ε/{s.step:g}: not yet on the small-ε plateau, took the smaller step")
+    return eps, res, reason + f"; λ̂ agrees with ε/{s.step:g} within {tol:.3g} (small-ε plateau)"
+
+
+def calibrate(problem: LLCProblem, config: LLCConfig, settings: CalibrationSettings | None = None) -> Calibration:
+    """Choose the unset ε and γ of ``config`` on a prepared problem (module docstring); :class:`CalibrationError`
+    if no setting passes."""
+    s = settings or CalibrationSettings()
+    t0 = time.perf_counter()
+    lrs = s.lr_grid(config.lr)
+    gammas = [config.localization] if config.localization is not None else list(s.gammas)
+    pilots = _Pilots(problem, config, s)
+    length = s.pilot_length(config.num_draws)
+    for gamma in gammas:
         for i, eps in enumerate(lrs):
-            res, why = pilot(eps, gamma)
-            if why is not None:
+            res, why = pilots.run(eps, gamma, length)
+            if why is not None or res is None:
                 continue
             chosen, reason = eps, "largest step size passing divergence, MALA-acceptance and minimum checks"
-            if lr is None and i + 1 < len(lrs):  # plateau check one step smaller
-                res2, why2 = pilot(lrs[i + 1], gamma, int(steps * step))  # same diffusion time ε·steps
-                if res2 is not None and why2 is None:
-                    gap = abs(res.llc_mean - res2.llc_mean)
-                    tol = max(plateau_tol * abs(res2.llc_mean), 3 * math.hypot(res.llc_sem or 0, res2.llc_sem or 0))
-                    if gap > tol:
-                        chosen, res = lrs[i + 1], res2
-                        reason = (f"ε = {eps:.3g} passed the checks but λ̂ moved by {gap:.3g} (> {tol:.3g}) at "
-                                  f"ε/{step:g}: not yet on the small-ε plateau, took the smaller step")
-                    else:
-                        reason += f"; λ̂ agrees with ε/{step:g} within {tol:.3g} (small-ε plateau)"
+            if config.lr is None and i + 1 < len(lrs):
+                chosen, res, reason = _plateau_check(pilots, res, eps, lrs[i + 1], gamma, length)
             tau = max(1.0, float(np.median([len(t) / max(effective_sample_size(t), 1e-9) for t in res.llc_trace])))
             burnin = int(max(10 * tau, 100))
-            draws = int(min(max(num_draws, math.ceil(min_ess * tau)), 20 * max(num_draws, 200)))
-            return Calibration(chosen, gamma, nbeta, draws, burnin, candidates,
+            draws = int(min(max(config.num_draws, math.ceil(s.min_ess * tau)), 20 * max(config.num_draws, 200)))
+            return Calibration(chosen, gamma, config.nbeta, draws, burnin, pilots.candidates,
                                f"γ = {gamma:g}: smallest localization with a healthy setting; ε = {chosen:.3g}: "
                                f"{reason}; autocorrelation time τ ≈ {tau:.0f} draws → burn-in {burnin}, "
-                               f"{draws} draws", time.perf_counter() - t0, spent)
+                               f"{draws} draws", time.perf_counter() - t0, pilots.spent)
     raise CalibrationError("no (lr, localization) setting passed the checks — " +
-                           "; ".join(f"ε={c['lr']:.2g}, γ={c['localization']:g}: {c['verdict']}"
-                                     for c in candidates[-6:]) + ". Is w* a trained (near-critical) point, and is "
-                           "the loss finite and well scaled?")
+                           "; ".join(f"ε={c.lr:.2g}, γ={c.localization:g}: {c.verdict}"
+                                     for c in pilots.candidates[-6:]) + ". Is w* a trained (near-critical) point, "
+                           "and is the loss finite and well scaled?")
+
+
+def calibrate_llc(model: Any, loader: Any, loss_fn: Any, config: LLCConfig | None = None, *, device: Any = None,
+                  settings: CalibrationSettings | None = None, **kwargs: Any) -> Calibration:
+    """Choose ε (``lr``) and γ (``localization``) for :func:`slt_tools.estimate_llc` — see the module docstring.
+
+    ``config`` (or LLC settings as keywords: ``lr``, ``localization``, ``nbeta``, ``sampler``, ``sampler_kwargs``,
+    ``num_chains``, ``num_draws``, ``seed``, …) is the run to calibrate for: values it fixes are kept, only the unset
+    ones are chosen, and the pilots use its sampler with its ``sampler_kwargs``. The rule's own knobs
+    (``gammas``, ``max_lr``, ``pilot_chains``, …) may be passed as keywords too or as ``settings``.
+    """
+    knob_names = {f.name for f in fields(CalibrationSettings)}
+    knobs = {k: kwargs.pop(k) for k in list(kwargs) if k in knob_names}
+    if knobs:
+        settings = dataclasses.replace(settings or CalibrationSettings(), **knobs)
+    config = LLCConfig.from_kwargs(config, **kwargs)
+    problem = LLCProblem.build(model, loader, loss_fn, config.restrict_to, device)
+    return calibrate(problem, config, settings)

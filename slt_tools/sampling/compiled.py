@@ -25,8 +25,13 @@ from functools import cache
 from typing import Any
 
 import torch
-from torch._guards import detect_fake_mode
 from torch.utils._pytree import tree_flatten
+
+try:  # private torch API: without it the one-hot rewrite builds its nodes outside fake mode (still exact)
+    from torch._guards import detect_fake_mode
+except ImportError:  # pragma: no cover - older torch
+    def detect_fake_mode(inputs: Any = None) -> None:
+        return None
 
 
 class _LastGraphCall(threading.local):
@@ -140,13 +145,38 @@ def rewrite_graph(graph: torch.fx.Graph) -> dict[str, int]:
     return counts
 
 
+class _RewriteRecord(threading.local):
+    """Per thread: graphs compiled by :func:`inductor_backend`, and how many of them ran :func:`rewrite_graph`
+    (or were served from inductor's FX-graph cache, which skips post-grad passes legitimately)."""
+
+    def __init__(self) -> None:
+        self.compiles = 0
+        self.passes_ran = 0
+
+    def snapshot(self) -> tuple[int, int]:
+        return self.compiles, self.passes_ran
+
+
+REWRITES = _RewriteRecord()
+
+
+def _cache_hits() -> int:
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover - very old torch
+        return 0
+    return int(counters["inductor"].get("fxgraph_cache_hit", 0))
+
+
 @cache
 def inductor_backend() -> Any:
     """Inductor with :func:`rewrite_graph` as an extra post-grad pass and, on CPU, the C++ wrapper; created once (a
-    new backend object per call would recompile).
+    new backend object per call would recompile). Returns the string ``"inductor"`` (plain inductor) where the
+    custom-pass interface is missing (older torch); :func:`rewrites_status` reports either case.
 
     The C++ wrapper replaces the per-call Python that allocates buffers and checks input sizes (8–12 % of a small MLP
-    step). Falls back to plain inductor where the custom-pass interface is missing (older torch).
+    step). Every compile is recorded in :data:`REWRITES`, with whether the rewrite pass actually ran, so a torch
+    version that stops calling it is noticed at run time rather than silently losing the speed.
     """
     try:
         from torch._inductor import config as inductor_config
@@ -157,6 +187,7 @@ def inductor_backend() -> Any:
 
     class Rewrites(CustomGraphPass):
         def __call__(self, graph: torch.fx.Graph) -> None:
+            REWRITES.passes_ran += 1
             rewrite_graph(graph)
 
         def uuid(self) -> Any:
@@ -168,7 +199,11 @@ def inductor_backend() -> Any:
     def backend(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
         on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
         cpp = {"cpp_wrapper": True} if on_cpu and has_cpp_wrapper else {}
+        passes, hits = REWRITES.passes_ran, _cache_hits()
         compiled = compile_fx(gm, example_inputs, config_patches={**patches, **cpp})
+        REWRITES.compiles += 1
+        if REWRITES.passes_ran == passes and _cache_hits() > hits:
+            REWRITES.passes_ran += 1  # served from the cache, which only holds graphs compiled with the pass
 
         def run(*args: Any) -> Any:
             out = compiled(*args)
@@ -179,6 +214,23 @@ def inductor_backend() -> Any:
         return run
 
     return backend
+
+
+def rewrite_snapshot() -> tuple[int, int]:
+    """(graphs compiled, graphs that ran the rewrite pass) so far in this thread."""
+    return REWRITES.snapshot()
+
+
+def rewrites_status(before: tuple[int, int]) -> str | None:
+    """None if every graph compiled since ``before`` (a :meth:`_RewriteRecord.snapshot`) ran the rewrite pass;
+    otherwise why not (the step is still correct, only slower)."""
+    if inductor_backend() == "inductor":
+        return f"torch {torch.__version__} lacks inductor's custom post-grad pass interface"
+    compiles, ran = REWRITES.compiles - before[0], REWRITES.passes_ran - before[1]
+    if compiles and ran < compiles:
+        return (f"inductor compiled {compiles} graph(s) but ran slt_tools' rewrite pass on {ran} "
+                f"(torch {torch.__version__} no longer calls post_grad_custom_post_pass)")
+    return None
 
 
 def allow_recompiles(limit: int = 64) -> None:

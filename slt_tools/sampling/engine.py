@@ -10,7 +10,6 @@ over processes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +17,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from slt_tools.sampling.functional import BatchedLossGrad
 from slt_tools.sampling.noise import NoisePool
 from slt_tools.sampling.samplers import Sampler
+from slt_tools.sampling.steps import BatchedLossGrad
 
 
 def data_seed(seed: int) -> int:
@@ -68,15 +67,6 @@ def overdispersed_start(
     return theta0 + scale * direction
 
 
-def _skip_guards() -> AbstractContextManager[Any]:
-    """``torch.compile`` stance that evaluates only the guards telling cached graphs apart (torch ≥ 2.7; a no-op
-    context before that)."""
-    try:
-        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
-    except (AttributeError, TypeError):
-        return nullcontext()
-
-
 def run_chains(
     loss_grad: BatchedLossGrad,
     theta0: torch.Tensor,
@@ -98,9 +88,8 @@ def run_chains(
     With ``init_spread`` > 0 the chains start from :func:`overdispersed_start` with directions
     u_c ~ N(0, (init_spread²/γ)·I) drawn from each chain's own generator (one batch of the stream is used for the
     contraction check). ``fixed_shapes`` promises that every batch has the same structure and shapes (a cached data
-    set): a compiled step then skips ``torch.compile``'s guard checks after the first step and calls the first step's
-    graph directly (:meth:`BatchedLossGrad.pinned`) — on small models that machinery costs more than the kernels —
-    which is safe because nothing about the inputs can change within the loop."""
+    set): the step path may then specialise to it (:meth:`BatchedLossGrad.session`: a compiled step is pinned after
+    its first step). The loop does not know which path it drives."""
     device, dtype = theta0.device, theta0.dtype
     C, D = len(chain_ids), theta0.numel()
     draw_noise = NoisePool(chain_ids, seed, D, device, dtype)
@@ -113,7 +102,7 @@ def run_chains(
         theta = overdispersed_start(loss_grad, theta0, next(batches), sampler, direction)
         start_distance = (theta - theta0).norm(dim=1)
     sampler.init_state(theta, draw_noise())
-    use_mala = mala_every > 0 and sampler.kind in ("sgld", "rmsprop_sgld")
+    use_mala = mala_every > 0 and sampler.rule.langevin
     trace = torch.full((C, num_draws), float("nan"), device=device, dtype=dtype)
     recorded = 0
     pending: list[torch.Tensor] = []  # draws' (C,) losses, copied into the trace in blocks (a copy per step: ≈ 6 µs)
@@ -131,10 +120,10 @@ def run_chains(
     bar = tqdm(total=total, desc="SGLD steps", leave=False, disable=not progress)
     hp = sampler.hyperparameters()
     t = 0
-    with ExitStack() as stance:  # guard skipping and the pinned step must end with the loop, whatever happens
+    with loss_grad.session(fixed_shapes):  # whatever the path specialises to ends with the loop, whatever happens
         for t in range(total):
             batch = next(batches)
-            noise = draw_noise.indexed() if loss_grad.compiled else draw_noise()
+            noise = loss_grad.draw(draw_noise)
             losses, grads, new_theta, new_state = loss_grad.step(theta, theta0, batch, noise, sampler.kind,
                                                                  sampler.state, hp)
             if t >= num_burnin_steps and (t - num_burnin_steps) % num_steps_bw_draws == 0:
@@ -149,9 +138,6 @@ def run_chains(
                 mala_sum += torch.nan_to_num(log_a.clamp(max=0.0).exp(), nan=0.0)
                 mala_count += 1
             theta, sampler.state = new_theta, new_state
-            if t == 0 and fixed_shapes and loss_grad.compiled:
-                stance.enter_context(_skip_guards())
-                stance.enter_context(loss_grad.pinned())
             if check_every and t % check_every == check_every - 1:
                 flush()
                 bar.update(check_every)

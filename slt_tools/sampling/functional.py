@@ -1,25 +1,19 @@
 """Stateless views of a module so many parameter vectors (chains) can share one forward/backward.
 
 A chain's movable parameters live in one flat vector θ ∈ R^D; ``FlatParams`` maps it to the named tensors that
-``torch.func.functional_call`` needs. ``batched_loss_and_grad`` evaluates (L_B(θ_c), ∇L_B(θ_c)) for every chain c
-in a single ``vmap``-ed call, or, for models that cannot be vmapped, in a loop over chains.
+``torch.func.functional_call`` needs; :func:`make_loss` turns the user's ``loss_fn(model, batch)`` into θ ↦ L_B(θ).
+How many chains' θ are evaluated at once is the business of :mod:`slt_tools.sampling.steps`.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
-
-from slt_tools.sampling.compiled import GRAPH_CALLS, PinnedStep, allow_recompiles, inductor_backend
-from slt_tools.sampling.noise import pick_noise
-from slt_tools.sampling.samplers import update
+from torch.func import functional_call
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 RestrictTo = Sequence[str] | Callable[[str], bool] | None
@@ -117,140 +111,21 @@ def make_loss(model: nn.Module, layout: FlatParams, loss_fn: LossFn) -> Callable
     return loss_at
 
 
-class BatchedLossGrad:
-    """(C, D) parameters × one batch ↦ per-chain losses (C,) and gradients (C, D); ``step`` adds an SGMCMC update.
-
-    The forward pass is ``vmap``-ed over chains; the gradient comes from one reverse pass of Σ_c L_B(θ_c) — exact
-    per-chain gradients because chain c's loss depends on θ_c alone — which is cheaper than ``vmap(grad(·))``.
-    If the model cannot be vmapped (data-dependent control flow, ``.item()``, in-place updates of captured tensors…),
-    falls back to a loop over chains and records why.
-
-    ``compile=True`` runs a whole sampler step — loss, gradient (``torch.func.grad`` of the vmapped sum) and the
-    update rule — through ``torch.compile``: one fused graph per step instead of eager per-op dispatch. The
-    hyperparameters enter as 0-d tensors, so one graph serves every step size, localization and nβ. Compiling takes
-    seconds to tens of seconds once per model class, sampler rule and shape, so it pays only for long runs; a model
-    that fails to compile runs eagerly (``compile_error`` says why).
-    """
-
-    def __init__(self, loss_at: Callable[[torch.Tensor, Any], torch.Tensor], vectorize: bool = True,
-                 compile: bool = False) -> None:
-        self._loss_at = loss_at
-        self._batched = vmap(loss_at, in_dims=(0, None), randomness="different")
-        self.vectorized = vectorize
-        self.fallback_reason: str | None = None if vectorize else "vectorize=False"
-        self._compiled: Callable[..., Any] | None = None
-        self._hp_tensors: tuple[tuple, dict[str, torch.Tensor]] | None = None
-        self.compile_error: str | None = None
-        if compile and vectorize:
-            allow_recompiles()
-            self._compiled = torch.compile(partial(_fused_step, self._batched), backend=inductor_backend(),
-                                           dynamic=False)
-        self._last_step: tuple[tuple[Any, ...], tuple[Any, ...], Any] | None = None
-        self._pinned: PinnedStep | None = None
-        self.pin_error: str | None = None
-
-    @property
-    def compiled(self) -> bool:
-        """Whether steps run through the ``torch.compile``-d graph (False after a compile failure)."""
-        return self._compiled is not None
-
-    def _looped(self, theta: torch.Tensor, batch: Any) -> torch.Tensor:
-        return torch.stack([self._loss_at(theta[c], batch) for c in range(theta.shape[0])])
-
-    def _eager(self, theta: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.enable_grad():
-            leaf = theta.detach().requires_grad_(True)
-            if self.vectorized:
-                try:
-                    losses = self._batched(leaf, batch)
-                except Exception as exc:  # noqa: BLE001 - any vmap failure means "use the loop"
-                    self.vectorized = False
-                    self.fallback_reason = f"{type(exc).__name__}: {exc}"
-            if not self.vectorized:
-                losses = self._looped(leaf, batch)
-            (grads,) = torch.autograd.grad(losses.sum(), leaf)
-        return losses.detach(), grads
-
-    def _tensor_hp(self, hp: dict[str, float], like: torch.Tensor) -> dict[str, torch.Tensor]:
-        key = (tuple(sorted(hp.items())), like.device, like.dtype)
-        if self._hp_tensors is None or self._hp_tensors[0] != key:
-            self._hp_tensors = (key, {k: torch.tensor(v, device=like.device, dtype=like.dtype) for k, v in hp.items()})
-        return self._hp_tensors[1]
-
-    def _run_compiled(self, *args: Any) -> Any:
-        assert self._compiled is not None
-        try:
-            return self._compiled(*args)
-        except Exception as exc:  # noqa: BLE001 - a model torch.compile cannot handle runs eagerly instead
-            self._compiled = None
-            self.compile_error = f"{type(exc).__name__}: {exc}"
-            return None
-
-    def step(
-        self,
-        theta: torch.Tensor,
-        theta0: torch.Tensor,
-        batch: Any,
-        noise: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-        kind: str,
-        state: dict[str, torch.Tensor],
-        hp: dict[str, float],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Losses and gradients at θ, and one SGMCMC step of rule ``kind`` (``samplers.update``):
-        (L_B(θ), ∇L_B(θ), θ′, state′)."""
-        if self._compiled is not None:
-            hp_t, theta_d = self._tensor_hp(hp, theta), theta.detach()
-            if self._pinned is not None:
-                try:
-                    out = self._pinned(theta_d, theta0, batch, noise, state, hp_t)
-                except Exception as exc:  # noqa: BLE001 - the ordinary compiled call below decides what this means
-                    out, self.pin_error = None, f"{type(exc).__name__}: {exc}"
-                if out is not None:
-                    return out
-                self._pinned = None
-            inputs = (theta_d, theta0, batch, noise, state, hp_t)
-            GRAPH_CALLS.reset()
-            out = self._run_compiled(theta_d, theta0, batch, noise, kind, state, hp_t)
-            self._last_step = None if out is None else (inputs, out, GRAPH_CALLS.take())
-            if out is not None:
-                return out
-        losses, grads = self._eager(theta, batch)
-        new_theta, new_state = update(kind, theta, theta0, grads, pick_noise(noise, theta), state, hp)
-        return losses, grads, new_theta, new_state
-
-    @contextmanager
-    def pinned(self) -> Iterator[bool]:
-        """Within the block, compiled steps call the graph that ran the last step directly (:class:`PinnedStep`),
-        skipping ``torch.compile``'s per-call machinery. For loops whose steps all take inputs of one structure and
-        shape; yields whether the step could be pinned (``pin_error`` says why not)."""
-        built = PinnedStep.build(*self._last_step) if self._last_step is not None else "no compiled step ran yet"
-        self._pinned, self.pin_error = (built, None) if isinstance(built, PinnedStep) else (None, built)
-        try:
-            yield self._pinned is not None
-        finally:
-            self._pinned, self._last_step = None, None
-
-    def __call__(self, theta: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Losses and gradients only, always eager: used a few times per run (overdispersed starts), where a graph of
-        its own would cost a compile and the step graph does not fit (its noise input is a (pool, index) pair)."""
-        return self._eager(theta, batch)
+def full_data_loss(loss_at: Callable[[torch.Tensor, Any], torch.Tensor], theta: torch.Tensor, data: Any) -> float:
+    """L_n(w) = Σ_batches |B|·L_B(w) / n — the exact mean loss when ``loss_fn`` returns a per-batch mean (evaluated in
+    batches of 8× the sampling batch of the :class:`~slt_tools.sampling.data.BatchStream` ``data``: no gradients
+    are kept, so the memory is that of a forward pass). The one full-data loss of the package."""
+    with torch.no_grad():
+        total = sum(loss_at(theta, batch).double() * size for batch, size in data.full_batches(batch_factor=8))
+    return float(total) / data.num_samples
 
 
-def _fused_step(
-    batched: Callable[[torch.Tensor, Any], torch.Tensor],
-    theta: torch.Tensor,
-    theta0: torch.Tensor,
-    batch: Any,
-    noise: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-    kind: str,
-    state: dict[str, torch.Tensor],
-    hp: dict[str, torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """The function ``torch.compile`` fuses: vmapped loss, its gradient, and the update rule."""
-    def total(th: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        losses = batched(th, batch)
-        return losses.sum(), losses
+def model_loss(model: nn.Module, loader: Any, loss_fn: LossFn, device: str | torch.device | None = None) -> float:
+    """L_n at the model's current weights over every sample of ``loader`` (:func:`full_data_loss`)."""
+    from slt_tools.sampling.data import BatchStream
 
-    grads, losses = torch.func.grad(total, has_aux=True)(theta)
-    new_theta, new_state = update(kind, theta, theta0, grads, pick_noise(noise, theta), state, hp)
-    return losses.detach(), grads, new_theta, new_state
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    layout = FlatParams.from_model(model, [n for n, _ in model.named_parameters()])
+    layout.frozen = {k: v.to(dev) for k, v in layout.frozen.items()}
+    return full_data_loss(make_loss(model, layout, loss_fn), layout.flatten(model).to(dev),
+                          BatchStream.from_loader(loader, dev))

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from slt_tools.sampling.functional import model_loss
 from slt_tools.symmetry.canonical import _state, canonicalize
 from slt_tools.symmetry.spec import SymmetrySpec
 
@@ -39,18 +40,6 @@ class Interpolation:
         raise ValueError(f"unknown barrier definition {definition!r}: use 'linear' or 'mean'")
 
 
-def _mean_loss(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], loader: Any) -> float:
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in loader:
-            size = len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
-            total += float(loss_fn(model, batch)) * size
-            count += size
-    if count == 0:
-        raise ValueError("the data loader is empty")
-    return total / count
-
-
 def _reset_batchnorm(model: nn.Module, loader: Any) -> None:
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
@@ -65,13 +54,23 @@ def _reset_batchnorm(model: nn.Module, loader: Any) -> None:
     model.eval()
 
 
+def _check_order(loader: Any, loss_fn: Any) -> None:
+    """(…, loader, loss_fn) is the package-wide order; the pre-0.2 order (loss_fn, loader) fails loudly."""
+    if callable(loader) and not callable(loss_fn):
+        raise TypeError("interpolate/loss_barrier take (a, b, loader, loss_fn, ...) like the rest of slt_tools; "
+                        "the arguments look swapped (loss_fn first)")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
+
+
 def interpolate(a: nn.Module | Mapping[str, torch.Tensor], b: nn.Module | Mapping[str, torch.Tensor],
-                loss_fn: Callable[[Any, Any], torch.Tensor], loader: Any, num_points: int = 25,
+                loader: Any, loss_fn: Callable[[Any, Any], torch.Tensor], num_points: int = 25,
                 model: nn.Module | None = None) -> Interpolation:
-    """Mean loss over ``loader`` at θ_t = (1−t)θ_a + tθ_b for ``num_points`` values of t in [0, 1].
+    """Mean loss L_n over ``loader`` at θ_t = (1−t)θ_a + tθ_b for ``num_points`` values of t in [0, 1].
 
     ``a``/``b`` are models or state dicts (then ``model`` supplies the architecture).
     """
+    _check_order(loader, loss_fn)
     if num_points < 2:
         raise ValueError("num_points must be at least 2")
     template = model if model is not None else (a if isinstance(a, nn.Module) else b)
@@ -88,14 +87,14 @@ def interpolate(a: nn.Module | Mapping[str, torch.Tensor], b: nn.Module | Mappin
         mixed = {k: (1 - t) * sa[k] + t * sb[k] if sa[k].is_floating_point() else sa[k] for k in sa}
         work.load_state_dict(mixed)
         _reset_batchnorm(work, loader)
-        losses.append(_mean_loss(work, loss_fn, loader))
+        losses.append(model_loss(work, loader, loss_fn))
     return Interpolation(ts, np.array(losses))
 
 
-def loss_barrier(a: Any, b: Any, loss_fn: Callable[[Any, Any], torch.Tensor], loader: Any, num_points: int = 25,
+def loss_barrier(a: Any, b: Any, loader: Any, loss_fn: Callable[[Any, Any], torch.Tensor], num_points: int = 25,
                  definition: str = "linear", model: nn.Module | None = None) -> float:
     """Loss barrier between two networks (definition ``"linear"`` or ``"mean"``, see module docstring)."""
-    return interpolate(a, b, loss_fn, loader, num_points, model).barrier(definition)
+    return interpolate(a, b, loader, loss_fn, num_points, model).barrier(definition)
 
 
 def parameter_distance(a: nn.Module | Mapping[str, torch.Tensor], b: nn.Module | Mapping[str, torch.Tensor],

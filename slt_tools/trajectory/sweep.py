@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slt_tools.sampling.llc import LLCResult, combine_results, estimate_llc
+from slt_tools.sampling import LLCResult, combine_results, estimate_llc
 from slt_tools.trajectory.checkpoints import CheckpointError, CheckpointRef, discover_checkpoints, load_into
 from slt_tools.trajectory.store import ResultsStore
 

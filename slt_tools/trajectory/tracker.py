@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from slt_tools.sampling.llc import LLCResult, estimate_llc
+from slt_tools.sampling import LLCResult, estimate_llc
 from slt_tools.trajectory.store import ResultsStore
 
 

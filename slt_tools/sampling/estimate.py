@@ -1,0 +1,199 @@
+"""The LLC estimator proper: one run of batched SGMCMC chains with fixed settings → :class:`LLCResult`.
+
+Lau, Furman, Wang, Murfet, Wei, "The Local Learning Coefficient: A Singularity-Aware Complexity Measure"
+(arXiv 2308.12108). At trained weights w*, sample the localised tempered posterior
+
+    p(w) ∝ exp(−nβ·L_n(w) − (γ/2)‖w − w*‖²)
+
+and estimate  λ̂(w*) = nβ · (E_p[L_n(w)] − L_n(w*)).  As in the authors' code, E_p[L_n] averages the minibatch loss
+L_B at each draw and L_n(w*) is the full-data loss. Default inverse temperature nβ = n / log n with n the number of
+training samples ("dataset" convention, as in the paper); devinterp's default uses the batch size m instead
+(``nbeta_convention="batch"``: nβ = m / log m). Each chain gives its own λ̂_c; we report their mean, standard deviation,
+standard error and convergence diagnostics.
+
+:func:`sample_llc` never calibrates, extends or calls itself: that is the driver's job
+(:mod:`slt_tools.sampling.auto`). :class:`LLCProblem` holds what does not depend on the sampler settings (the
+flattened w*, the cached data, L_n(w*)), so a driver running many short runs prepares it once.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from slt_tools.sampling.config import LLCConfig
+from slt_tools.sampling.data import BatchStream
+from slt_tools.sampling.engine import ChainOutput, data_seed, run_chains
+from slt_tools.sampling.functional import (
+    FlatParams,
+    LossFn,
+    RestrictTo,
+    full_data_loss,
+    make_loss,
+    select_parameters,
+)
+from slt_tools.sampling.result import LLCResult, SamplingFallbackWarning, summarize
+from slt_tools.sampling.samplers import Sampler
+from slt_tools.sampling.steps import BatchedLossGrad
+
+
+def default_nbeta(num_samples: int, batch_size: int, convention: str = "dataset") -> float:
+    """nβ = n / log n (``"dataset"``, n = number of training samples) or m / log m (``"batch"``, devinterp)."""
+    if convention not in ("dataset", "batch"):
+        raise ValueError(f"nbeta_convention must be 'dataset' or 'batch', got {convention!r}")
+    k = num_samples if convention == "dataset" else batch_size
+    if k < 2:
+        raise ValueError(f"nβ = k/log k needs k ≥ 2 samples, got k = {k} ({convention} convention)")
+    return k / math.log(k)
+
+
+def check_loss_fn(loss_fn: Any) -> None:
+    """``loss_fn`` must be ``loss_fn(model, batch) -> scalar``; a bare PyTorch loss (``F.mse_loss``, ``nn.MSELoss()``)
+    takes (input, target) and would fail deep inside the model with an unrelated message."""
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
+    module = getattr(loss_fn, "__module__", "") or ""
+    if module.startswith("torch.nn.functional") or isinstance(loss_fn, nn.modules.loss._Loss):
+        name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+        raise ValueError(f"loss_fn is PyTorch's {name}, which takes (input, target); slt_tools calls "
+                         f"loss_fn(model, batch) — wrap it, e.g. lambda model, batch: {name}(model(batch[0]), "
+                         "batch[1])")
+
+
+@dataclass
+class LLCProblem:
+    """w*, the data and the loss, prepared once: flat layout of the moving parameters, cached minibatch stream,
+    θ ↦ L_B(θ), and L_n(w*)."""
+
+    layout: FlatParams
+    theta0: torch.Tensor
+    data: BatchStream
+    loss_at: Any
+    init_loss: float
+    restrict_to: tuple[str, ...] | None
+    device: torch.device
+
+    @classmethod
+    def build(cls, model: nn.Module, loader: Any, loss_fn: LossFn, restrict_to: RestrictTo = None,
+              device: str | torch.device | None = None) -> LLCProblem:
+        """Validate the inputs and prepare them (clear errors before any sampling)."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_loss_fn(loss_fn)
+        names = select_parameters(model, restrict_to)
+        dev = torch.device(device) if device is not None else next(model.parameters()).device
+        layout = FlatParams.from_model(model, names)
+        layout.frozen = {k: v.to(dev) for k, v in layout.frozen.items()}
+        theta0 = layout.flatten(model).to(dev)
+        data = BatchStream.from_loader(loader, dev)
+        loss_at = make_loss(model, layout, loss_fn)
+        with torch.no_grad():
+            probe = loss_at(theta0, next(data.full_batches())[0])
+        if not isinstance(probe, torch.Tensor) or probe.ndim != 0 or not probe.is_floating_point():
+            shape = tuple(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__
+            raise ValueError(f"loss_fn must return a scalar floating-point tensor (a mean minibatch loss), got {shape}")
+        init_loss = full_data_loss(loss_at, theta0, data)
+        if not math.isfinite(init_loss):
+            raise ValueError(f"the loss at w* is not finite (L_n(w*) = {init_loss})")
+        return cls(layout, theta0, data, loss_at, init_loss, tuple(names) if restrict_to is not None else None, dev)
+
+
+def resolve_nbeta(config: LLCConfig, problem: LLCProblem) -> tuple[float, str]:
+    """(nβ, its convention): the config's value ("given") or the default of its convention."""
+    if config.nbeta is not None:
+        return config.nbeta, "given"
+    return default_nbeta(problem.data.num_samples, problem.data.batch_size, config.nbeta_convention), \
+        config.nbeta_convention
+
+
+def hyperparameters(config: LLCConfig, problem: LLCProblem, num_chains: int) -> dict[str, Any]:
+    """The settings a result records: the config's, resolved against the problem (nβ, threshold, data facts)."""
+    nbeta, convention = resolve_nbeta(config, problem)
+    explode = config.explode_threshold if config.explode_threshold is not None else 100.0 * (
+        abs(problem.init_loss) + 1.0)
+    return dict(lr=config.lr, localization=config.localization, nbeta=float(nbeta), nbeta_convention=convention,
+                num_samples=problem.data.num_samples, batch_size=problem.data.batch_size, sampler=config.sampler,
+                sampler_kwargs=dict(config.sampler_kwargs), num_chains=num_chains, num_draws=config.num_draws,
+                num_burnin_steps=config.num_burnin_steps, num_steps_bw_draws=config.num_steps_bw_draws,
+                seed=config.seed, restrict_to=list(problem.restrict_to) if problem.restrict_to is not None else None,
+                num_params=problem.layout.dim, explode_threshold=float(explode), mala_every=config.mala_every,
+                init_spread=config.init_spread)
+
+
+def _chain_ids(config: LLCConfig, chain_ids: Sequence[int] | None) -> list[int]:
+    ids = list(range(config.num_chains)) if chain_ids is None else [int(c) for c in chain_ids]
+    if not ids or len(set(ids)) != len(ids) or min(ids) < 0:
+        raise ValueError(f"chain_ids must be distinct non-negative integers, got {chain_ids!r}")
+    return ids
+
+
+def _run_blocks(problem: LLCProblem, config: LLCConfig, hp: dict[str, Any], ids: list[int], progress: bool
+                ) -> tuple[list[ChainOutput], BatchedLossGrad]:
+    """All chains, ``chain_chunk_size`` at a time, through one step interface."""
+    def make_sampler() -> Sampler:
+        return Sampler(config.sampler, hp["lr"], hp["localization"], hp["nbeta"], **config.sampler_kwargs)
+
+    loss_grad = BatchedLossGrad(problem.loss_at, vectorize=config.vectorize, compile=config.compile)
+    chunk = config.chain_chunk_size or len(ids)
+    outputs = [run_chains(loss_grad, problem.theta0, problem.data.stream(data_seed(config.seed)), make_sampler,
+                          ids[i:i + chunk], config.seed, config.num_draws, config.num_burnin_steps,
+                          config.num_steps_bw_draws, config.mala_every, progress=progress,
+                          init_spread=config.init_spread, fixed_shapes=problem.data.cached)
+               for i in range(0, len(ids), chunk)]
+    return outputs, loss_grad
+
+
+def _report_paths(loss_grad: BatchedLossGrad, config: LLCConfig) -> None:
+    """A run that lost its fast path says so (every run: it is a fact about this result)."""
+    if not loss_grad.vectorized and config.vectorize:
+        warnings.warn(f"model could not be vmapped over chains ({loss_grad.fallback_reason}); ran chains in a loop "
+                      "instead (slower, same result)", SamplingFallbackWarning, stacklevel=4)
+    if config.compile and not loss_grad.compiled:
+        warnings.warn(f"torch.compile failed ({loss_grad.compile_error}); ran eagerly instead (same result)",
+                      SamplingFallbackWarning, stacklevel=4)
+
+
+def sample(problem: LLCProblem, config: LLCConfig, *, chain_ids: Sequence[int] | None = None,
+           progress: bool = False) -> LLCResult:
+    """One run of the chains ``chain_ids`` (default all) on a prepared problem with the fixed settings ``config``."""
+    if config.lr is None or config.localization is None:
+        raise ValueError("sample_llc needs lr and localization; leave them unset only with slt_tools.estimate_llc, "
+                         "which calibrates them")
+    if config.restrict_to is not None and problem.restrict_to is None:
+        raise ValueError("the config restricts sampling but the problem was prepared without restrict_to")
+    config.warn_if_risky()
+    ids = _chain_ids(config, chain_ids)
+    hp = hyperparameters(config, problem, len(ids))
+    start = time.perf_counter()
+    outputs, loss_grad = _run_blocks(problem, config, hp, ids, progress)
+    trace = torch.cat([o.loss_trace for o in outputs]).double().cpu().numpy()
+    wall = time.perf_counter() - start
+    _report_paths(loss_grad, config)
+    mala = None
+    if outputs[0].mala_count:
+        mala = torch.cat([o.mala_sum / max(o.mala_count, 1) for o in outputs]).double().cpu().numpy()
+    extra: dict[str, Any] = dict(vectorized=loss_grad.vectorized, fallback_reason=loss_grad.fallback_reason,
+                                 device=str(problem.device), compiled=loss_grad.compiled,
+                                 compile_error=loss_grad.compile_error, wall_time_s=wall,
+                                 data_cached=problem.data.cached, steps_run=min(o.steps_run for o in outputs))
+    if config.init_spread > 0:
+        extra["start_distance"] = torch.cat([o.start_distance for o in outputs]).double().cpu().tolist()
+    return summarize(trace, problem.init_loss, hp, ids, mala, config.on_divergence, extra)
+
+
+def sample_llc(model: nn.Module, loader: Any, loss_fn: LossFn, config: LLCConfig, *,
+               chain_ids: Sequence[int] | None = None, device: str | torch.device | None = None,
+               progress: bool = False, logger: Any = None) -> LLCResult:
+    """λ̂(w*) of ``model`` at its current weights from one run with the fixed settings ``config`` (``lr`` and
+    ``localization`` set). The model is not modified. See :func:`slt_tools.estimate_llc` for the arguments."""
+    problem = LLCProblem.build(model, loader, loss_fn, config.restrict_to, device)
+    result = sample(problem, config, chain_ids=chain_ids, progress=progress)
+    if logger is not None:
+        logger.log_llc(result)
+    return result

@@ -1,0 +1,396 @@
+"""Typed results of LLC estimation: :class:`LLCResult`, its :class:`LLCDiagnostics`, calibration and probe records,
+the warning classes, and :func:`summarize` / :func:`combine_results` (raw chain traces → result).
+
+Every record is a dataclass with ``to_dict``/``from_dict`` (plain JSON: non-finite floats become None) and can also
+be read like the dict it replaced (``diag["stationary"]``, ``diag.get("converged")``, ``"calibration" in diag``),
+so stored results and existing code keep working. Keys a record does not know (a store written by a later version)
+are kept in ``extra`` and written back unchanged.
+
+Warnings are classes, so sweeps and users filter or group them by kind rather than by wording:
+:class:`DivergenceWarning`, :class:`NegativeLLCWarning`, :class:`NotStationaryWarning`,
+:class:`NotConvergedWarning`, :class:`SamplingFallbackWarning` — all subclasses of :class:`LLCWarning`
+(a ``RuntimeWarning``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import numpy as np
+
+from slt_tools.sampling.diagnostics import summarize_chains
+
+
+# --------------------------------------------------------------------------------------------------- warnings/errors
+class LLCWarning(RuntimeWarning):
+    """Base class of every warning the estimator issues about a result."""
+
+
+class DivergenceWarning(LLCWarning):
+    """Some chains diverged (NaN/inf or exploding loss) and were excluded."""
+
+
+class NegativeLLCWarning(LLCWarning):
+    """λ̂ < 0: draws fall below L_n(w*), so w* is not a local minimum at the sampled scale."""
+
+
+class NotStationaryWarning(LLCWarning):
+    """The λ̂ trace has not settled (split-R̂ or drift over the second half)."""
+
+
+class NotConvergedWarning(LLCWarning):
+    """The convergence checks (longer runs, overdispersed probe) failed: λ̂ is not a trustworthy answer."""
+
+
+class SamplingFallbackWarning(LLCWarning):
+    """A faster path could not be used (vmap, torch.compile, pinned step, graph rewrites); the result is unaffected."""
+
+
+class LLCDivergenceError(RuntimeError):
+    """Raised when SGMCMC chains diverge (NaN/inf or exploding loss) and the caller asked not to keep going."""
+
+
+#: warning class name → the class, for reading grouped warnings back from a store
+WARNING_CLASSES: dict[str, type[LLCWarning]] = {c.__name__: c for c in (
+    LLCWarning, DivergenceWarning, NegativeLLCWarning, NotStationaryWarning, NotConvergedWarning,
+    SamplingFallbackWarning)}
+
+
+# --------------------------------------------------------------------------------------------------- JSON helpers
+def json_safe(x: Any) -> Any:
+    """Plain JSON values: numpy scalars/arrays converted, non-finite floats as None, records via ``to_dict``."""
+    if isinstance(x, Record):
+        return x.to_dict()
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return json_safe(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def _as_float_array(x: Any) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in row] for row in x] if x and isinstance(x[0], list)
+                    else [np.nan if v is None else v for v in x], dtype=float)
+
+
+# --------------------------------------------------------------------------------------------------- records
+class Record:
+    """Mixin: a dataclass that reads like a mapping and round-trips through JSON.
+
+    ``NESTED`` maps a field name to the record class its dict form is read back into.
+    """
+
+    NESTED: ClassVar[dict[str, type[Record]]] = {}
+
+    @classmethod
+    def _names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name != "extra"]  # type: ignore[arg-type]
+
+    def _extra(self) -> dict[str, Any]:
+        return getattr(self, "extra", {})
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._names():
+            return getattr(self, key)
+        if key in self._extra():
+            return self._extra()[key]
+        raise KeyError(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            value = self[key]
+        except KeyError:
+            return default
+        return default if value is None else value
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key) is not None
+
+    def keys(self) -> list[str]:
+        return [k for k in [*self._names(), *self._extra()] if k in self]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(k, self[k]) for k in self.keys()]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: json_safe(getattr(self, k)) for k in self._names()}
+        out.update(json_safe(self._extra()))
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Any:
+        if d is None or isinstance(d, cls):
+            return d
+        names = set(cls._names())
+        known: dict[str, Any] = {}
+        for k, v in dict(d).items():
+            if k in names:
+                nested = cls.NESTED.get(k)
+                if nested is not None and v is not None:
+                    v = [nested.from_dict(x) for x in v] if isinstance(v, list) else nested.from_dict(v)
+                known[k] = v
+        extra = {k: v for k, v in dict(d).items() if k not in names}
+        if extra and "extra" in {f.name for f in fields(cls)}:  # type: ignore[arg-type]
+            known["extra"] = extra
+        return cls(**known)
+
+
+@dataclass
+class PerChainDiagnostics(Record):
+    """Per-chain health: divergence flags, fraction of draws below L_n(w*), Geweke z, ESS, MALA acceptance."""
+
+    diverged: list[bool] = field(default_factory=list)
+    nonfinite: list[bool] = field(default_factory=list)
+    exploded: list[bool] = field(default_factory=list)
+    frac_below_init: list[float] = field(default_factory=list)
+    geweke_z: list[float] = field(default_factory=list)
+    ess: list[float] = field(default_factory=list)
+    mala_acceptance: list[float] | None = None
+
+
+@dataclass
+class ProbeRecord(Record):
+    """Chains started overdispersed (w* + N(0, s²γ⁻¹I)) compared with the chains from w*."""
+
+    llc_mean: float = float("nan")
+    llc_sem: float = float("nan")
+    num_chains: int = 0
+    agrees: bool = False
+    why: str = ""
+    llc_per_chain: list[float] | None = None
+    num_diverged: int | None = None
+    start_distance: list[float] | None = None
+
+
+@dataclass
+class CalibrationCandidate(Record):
+    """One (ε, γ) pilot of the self-calibration and its verdict."""
+
+    lr: float
+    localization: float
+    verdict: str
+    llc_mean: float | None = None
+    llc_sem: float | None = None
+    mala_acceptance: float | None = None
+    frac_below_init: float | None = None
+    stationary: bool | None = None
+
+
+@dataclass
+class Calibration(Record):
+    """Chosen hyperparameters, and every candidate tried with its diagnostics and verdict."""
+
+    NESTED: ClassVar[dict[str, type[Record]]] = {"candidates": CalibrationCandidate}
+
+    lr: float
+    localization: float
+    nbeta: float | None
+    num_draws: int
+    num_burnin_steps: int
+    candidates: list[CalibrationCandidate] = field(default_factory=list)
+    reason: str = ""
+    wall_time_s: float = 0.0
+    sgld_steps: int = 0
+
+
+@dataclass
+class LLCDiagnostics(Record):
+    """Everything the estimator measured about its chains (see :mod:`slt_tools.sampling.diagnostics`) and, for
+    the self-calibrating driver, about calibration and convergence checks. Fields a run did not compute are None."""
+
+    NESTED: ClassVar[dict[str, type[Record]]] = {"per_chain": PerChainDiagnostics, "calibration": Calibration,
+                                                 "overdispersed_probe": ProbeRecord}
+
+    per_chain: PerChainDiagnostics = field(default_factory=PerChainDiagnostics)
+    num_diverged: int = 0
+    stationary: bool = False
+    not_stationary_reasons: list[str] = field(default_factory=list)
+    excluded_chains: list[int] = field(default_factory=list)
+    r_hat: float | None = None
+    trend_rel_change: float | None = None
+    trend_z: float | None = None
+    frac_below_init: float | None = None
+    ess_total: float | None = None
+    mala_acceptance: float | None = None
+    geweke_max_abs_z: float | None = None
+    # how the run went
+    vectorized: bool | None = None
+    fallback_reason: str | None = None
+    device: str | None = None
+    compiled: bool | None = None
+    compile_error: str | None = None
+    wall_time_s: float | None = None
+    data_cached: bool | None = None
+    steps_run: int | None = None
+    start_distance: list[float] | None = None
+    # the self-calibrating driver
+    calibration: Calibration | None = None
+    converged: bool | None = None
+    extensions: int | None = None
+    llc_by_run_length: list[float] | None = None
+    overdispersed_probe: ProbeRecord | None = None
+    overdispersed_llc_by_run_length: list[float] | None = None
+    lr_reduced_after_divergence: list[dict[str, Any]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def update(self, **values: Any) -> None:
+        """Set fields (records given as dicts are converted)."""
+        for k, v in values.items():
+            if k not in self._names():
+                self.extra[k] = v
+                continue
+            nested = self.NESTED.get(k)
+            setattr(self, k, nested.from_dict(v) if nested is not None and isinstance(v, dict) else v)
+
+
+@dataclass
+class LLCResult:
+    """An LLC estimate: per-chain values, traces, hyperparameters and diagnostics.
+
+    ``llc_mean``/``llc_std``/``llc_sem`` are over the chains kept (diverged chains are excluded only when the
+    caller asked for it; they are listed in ``diagnostics.excluded_chains``). ``loss_trace`` holds every chain's
+    minibatch loss at each draw (chains × draws); ``llc_per_chain[c] = nβ·(mean_t loss_trace[c, t] − init_loss)``.
+    """
+
+    llc_mean: float
+    llc_std: float
+    llc_sem: float
+    llc_per_chain: np.ndarray
+    loss_trace: np.ndarray
+    init_loss: float
+    hyperparameters: dict[str, Any]
+    diagnostics: LLCDiagnostics
+    chain_ids: list[int] = field(default_factory=list)
+
+    @property
+    def llc_trace(self) -> np.ndarray:
+        """nβ·(L_B(w_t) − L_n(w*)) per chain and draw: the running quantity whose mean is λ̂."""
+        return self.hyperparameters["nbeta"] * (self.loss_trace - self.init_loss)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-safe dict (non-finite floats become None)."""
+        return json_safe({f.name: getattr(self, f.name) for f in fields(self)})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LLCResult:
+        d = dict(d)
+        d["llc_per_chain"] = _as_float_array(d["llc_per_chain"])
+        d["loss_trace"] = _as_float_array(d["loss_trace"])
+        for key in ("llc_mean", "llc_std", "llc_sem", "init_loss"):
+            d[key] = float("nan") if d[key] is None else float(d[key])
+        d["diagnostics"] = LLCDiagnostics.from_dict(d["diagnostics"])
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> LLCResult:
+        return cls.from_dict(json.loads(s))
+
+    def __repr__(self) -> str:
+        return (f"LLCResult(llc={self.llc_mean:.4g} ± {self.llc_std:.2g} (sem {self.llc_sem:.2g}), "
+                f"chains={len(self.llc_per_chain)}, init_loss={self.init_loss:.4g})")
+
+
+# --------------------------------------------------------------------------------------------------- summarising
+def _per_chain_llc(loss_trace: np.ndarray, init_loss: float, nbeta: float, diverged: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        per_chain = nbeta * (np.nanmean(np.where(np.isfinite(loss_trace), loss_trace, np.nan), axis=1) - init_loss)
+    per_chain[diverged] = np.nan
+    return per_chain
+
+
+def _divergence_policy(diag: LLCDiagnostics, chain_ids: Sequence[int], hp: dict[str, Any], on_divergence: str,
+                       warn: bool) -> None:
+    """Raise :class:`LLCDivergenceError` or warn (:class:`DivergenceWarning`) about diverged chains."""
+    diverged = np.array(diag.per_chain.diverged, dtype=bool)
+    if not diverged.any():
+        return
+    which = [int(c) for c, d in zip(chain_ids, diverged) if d]
+    msg = (f"{len(which)} of {len(diverged)} SGMCMC chains diverged (chains {which}: "
+           f"{sum(diag.per_chain.nonfinite)} with NaN/inf loss, {sum(diag.per_chain.exploded)} with "
+           f"loss above L_n(w*) + {hp['explode_threshold']:g}); lr={hp['lr']:g} is "
+           "probably too large or localization too small")
+    if on_divergence == "raise" or diverged.all():
+        raise LLCDivergenceError(msg + ("; every chain diverged" if diverged.all() else
+                                        "; pass on_divergence='exclude' to drop them"))
+    if warn:
+        warnings.warn(msg + "; excluded from the estimate", DivergenceWarning, stacklevel=4)
+
+
+def summarize(
+    loss_trace: np.ndarray,
+    init_loss: float,
+    hyperparameters: dict[str, Any],
+    chain_ids: Sequence[int],
+    mala: np.ndarray | None = None,
+    on_divergence: str = "raise",
+    extra_diagnostics: dict[str, Any] | None = None,
+    warn: bool = True,
+) -> LLCResult:
+    """Turn raw chain traces into an :class:`LLCResult`: per-chain λ̂, diagnostics, divergence policy, warnings."""
+    nbeta = float(hyperparameters["nbeta"])
+    diag = LLCDiagnostics.from_dict(summarize_chains(loss_trace, init_loss, nbeta,
+                                                     hyperparameters["explode_threshold"], mala))
+    diag.update(**(extra_diagnostics or {}))
+    diverged = np.array(diag.per_chain.diverged, dtype=bool)
+    per_chain = _per_chain_llc(loss_trace, init_loss, nbeta, diverged)
+    _divergence_policy(diag, chain_ids, hyperparameters, on_divergence, warn)
+    diag.excluded_chains = [int(c) for c, d in zip(chain_ids, diverged) if d]
+    kept = per_chain[~diverged]
+    mean = float(kept.mean())
+    std = float(kept.std(ddof=1)) if len(kept) > 1 else float("nan")
+    sem = std / math.sqrt(len(kept)) if len(kept) > 1 else float("nan")
+    if warn and mean < 0:
+        frac = diag.frac_below_init if diag.frac_below_init is not None else float("nan")
+        warnings.warn(f"λ̂ = {mean:.4g} < 0: w* is not a local minimum of the loss (draws fall below L_n(w*) "
+                      f"{100 * frac:.0f}% of the time); train further or increase localization", NegativeLLCWarning,
+                      stacklevel=3)
+    if warn and not diag.stationary:
+        warnings.warn("LLC trace has not settled: " + "; ".join(diag.not_stationary_reasons) +
+                      " — use more draws/burn-in or a larger lr; see result.diagnostics", NotStationaryWarning,
+                      stacklevel=3)
+    return LLCResult(mean, std, sem, per_chain, loss_trace, float(init_loss), dict(hyperparameters), diag,
+                     [int(c) for c in chain_ids])
+
+
+#: run facts carried over when chain blocks of one run are combined
+_RUN_FACTS = ("vectorized", "fallback_reason", "device", "compiled")
+
+
+def combine_results(parts: Sequence[LLCResult], on_divergence: str = "raise", warn: bool = True) -> LLCResult:
+    """Merge results of disjoint chain blocks of one run (same w*, data, hyperparameters) into one result."""
+    if not parts:
+        raise ValueError("combine_results needs at least one result")
+    hp = {k: v for k, v in parts[0].hyperparameters.items() if k not in ("chain_ids", "num_chains")}
+    for p in parts[1:]:
+        other = {k: v for k, v in p.hyperparameters.items() if k not in ("chain_ids", "num_chains")}
+        if other != hp or p.init_loss != parts[0].init_loss:
+            raise ValueError("cannot combine LLC results from different runs (hyperparameters or init_loss differ)")
+    order = np.argsort(np.concatenate([p.chain_ids for p in parts]), kind="stable")
+    ids = list(np.concatenate([p.chain_ids for p in parts])[order])
+    if len(set(ids)) != len(ids):
+        raise ValueError("cannot combine LLC results: chain ids overlap")
+    trace = np.concatenate([p.loss_trace for p in parts])[order]
+    mala_parts = [p.diagnostics.per_chain.mala_acceptance for p in parts]
+    mala = None if any(m is None for m in mala_parts) else np.concatenate(mala_parts)[order]
+    extra = {k: parts[0].diagnostics[k] for k in _RUN_FACTS}
+    extra["wall_time_s"] = float(sum(p.diagnostics.get("wall_time_s", 0.0) for p in parts))
+    return summarize(trace, parts[0].init_loss, {**hp, "num_chains": len(ids)}, ids, mala, on_divergence, extra,
+                     warn=warn)

@@ -1,0 +1,303 @@
+"""The shape of the sampling core: one config, typed results, a rule registry, no import cycles, checked fast paths,
+and the bugs the old shape caused (each pinned by a test)."""
+import ast
+import math
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import dln_at, mse, teacher_loader
+
+import slt_tools as slt
+from slt_tools.sampling import calibration as calibration_module
+from slt_tools.sampling.config import LLCConfig, LocalizationWarning
+from slt_tools.sampling.result import (
+    LLCDiagnostics,
+    LLCResult,
+    LLCWarning,
+    NotStationaryWarning,
+    SamplingFallbackWarning,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_problem():
+    model = dln_at((4, 3, 4), 1, (1,))
+    return model, teacher_loader(model, 2000, 100, 4)
+
+
+def _quiet(*args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return slt.estimate_llc(*args, **kwargs)
+
+
+# ---------------------------------------------------------------- package shape
+def test_submodules_are_attributes_in_a_fresh_interpreter():
+    code = ("import slt_tools as slt; import sys; assert 'slt_tools.theory' not in sys.modules; "
+            "print(slt.theory.dln_learning_coefficient((5, 3, 5), 0)[0], slt.symmetry.__name__, "
+            "slt.geometry.__name__, slt.models.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["13/2", "slt_tools.symmetry", "slt_tools.geometry", "slt_tools.models"]
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        slt.nope  # noqa: B018
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """slt_tools modules imported anywhere in a file (module level or inside functions)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(package):
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith(package))
+    return out
+
+
+def test_sampling_package_has_no_import_cycle():
+    """Every import between the sampling modules, including function-level ones, points down the layer order."""
+    pkg = ROOT / "slt_tools" / "sampling"
+    graph = {f"slt_tools.sampling.{p.stem}": _imports(p, "slt_tools.sampling") for p in pkg.glob("*.py")
+             if p.stem != "__init__"}
+    graph = {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+
+    def visit(m, stack):
+        state[m] = 1
+        for d in graph[m]:
+            assert state.get(d) != 1, f"import cycle: {' -> '.join([*stack, m, d])}"
+            if d not in state:
+                visit(d, [*stack, m])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [])
+    assert "slt_tools.sampling.auto" not in graph["slt_tools.sampling.calibration"]
+    assert "slt_tools.sampling.auto" not in graph["slt_tools.sampling.estimate"]
+
+
+# ---------------------------------------------------------------- config
+def test_config_is_frozen_validated_and_round_trips():
+    cfg = LLCConfig(num_chains=3, lr=1e-4, localization=10.0, sampler="rmsprop_sgld",
+                    sampler_kwargs={"alpha": 0.9}, restrict_to=["layers.0.weight"])
+    with pytest.raises(AttributeError):
+        cfg.lr = 1.0
+    assert LLCConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.replace(lr=2e-4).lr == 2e-4 and cfg.lr == 1e-4
+    bad = [dict(mala_every=-1), dict(explode_threshold=-1.0), dict(chain_chunk_size=0), dict(chain_chunk_size=-1),
+           dict(num_draws=10.5), dict(seed=1.5), dict(num_chains=True), dict(lr=float("nan")),
+           dict(sampler_kwargs={"alpah": 0.9}, sampler="rmsprop_sgld"), dict(sampler="hmc"),
+           dict(localization=-1.0), dict(on_divergence="ignore")]
+    for kw in bad:
+        with pytest.raises(ValueError):
+            LLCConfig(**kw)
+    with pytest.raises(TypeError, match="unknown LLC setting"):
+        LLCConfig.from_kwargs(num_chain=3)
+
+
+def test_estimate_llc_accepts_a_config_and_keywords_alike(small_problem):
+    model, loader = small_problem
+    kw = dict(num_chains=2, num_draws=30, lr=1e-4, localization=10.0, seed=3)
+    a = _quiet(model, loader, mse, **kw)
+    b = _quiet(model, loader, mse, LLCConfig(**kw))
+    c = slt.sample_llc(model, loader, mse, LLCConfig(**kw))
+    np.testing.assert_array_equal(a.loss_trace, b.loss_trace)
+    np.testing.assert_array_equal(a.loss_trace, c.loss_trace)
+    with pytest.raises(ValueError, match="needs lr and localization"):
+        slt.sample_llc(model, loader, mse, LLCConfig(num_chains=2))
+
+
+# ---------------------------------------------------------------- typed results and warnings
+def test_diagnostics_are_typed_and_read_like_the_old_dicts(small_problem):
+    model, loader = small_problem
+    res = _quiet(model, loader, mse, num_chains=2, num_draws=40, lr=1e-4, localization=10.0)
+    d = res.diagnostics
+    assert isinstance(d, LLCDiagnostics)
+    assert d.stationary is d["stationary"] and d.per_chain.diverged == d["per_chain"]["diverged"]
+    assert "calibration" not in d and d.get("converged") is None and d.get("converged", "x") == "x"
+    back = LLCResult.from_json(res.to_json())
+    assert back.diagnostics.to_dict() == d.to_dict()
+    stored = {**d.to_dict(), "written_by_a_later_version": 1}
+    assert LLCDiagnostics.from_dict(stored).to_dict()["written_by_a_later_version"] == 1
+
+
+def test_warnings_are_classes():
+    assert issubclass(NotStationaryWarning, LLCWarning) and issubclass(LLCWarning, RuntimeWarning)
+    drifting = np.tile(0.01 + 0.05 * np.linspace(0, 1, 400), (3, 1))
+    drifting += 1e-4 * np.random.default_rng(1).standard_normal((3, 400))
+    from slt_tools.sampling.result import summarize
+
+    with pytest.warns(NotStationaryWarning):
+        summarize(drifting, 0.0, dict(nbeta=100.0, explode_threshold=100.0, lr=1e-3), [0, 1, 2])
+
+
+# ---------------------------------------------------------------- bugs of the old shape
+def test_sampler_kwargs_reach_the_calibration_pilots(small_problem, monkeypatch):
+    """They used to stop at estimate_llc: RMSProp pilots calibrated with the default alpha."""
+    model, loader = small_problem
+    seen = []
+    real = calibration_module.sample
+
+    def spy(problem, config, **kw):
+        seen.append((config.sampler, dict(config.sampler_kwargs)))
+        return real(problem, config, **kw)
+
+    monkeypatch.setattr(calibration_module, "sample", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        slt.calibrate_llc(model, loader, mse, localization=10.0, num_chains=2, num_draws=50, sampler="rmsprop_sgld",
+                          sampler_kwargs={"alpha": 0.9, "eps": 0.05}, pilot_steps=50, max_lr=1e-3)
+    assert seen and all(s == ("rmsprop_sgld", {"alpha": 0.9, "eps": 0.05}) for s in seen)
+
+
+def test_checks_requested_for_a_hand_set_run_are_run(small_problem):
+    """max_extensions / convergence_probe used to be ignored when lr and localization were both given."""
+    model, loader = small_problem
+    kw = dict(num_chains=2, num_draws=40, lr=1e-4, localization=10.0)
+    plain = _quiet(model, loader, mse, **kw)
+    assert "overdispersed_probe" not in plain.diagnostics and "converged" not in plain.diagnostics
+    checked = _quiet(model, loader, mse, convergence_probe=True, max_extensions=1, **kw)
+    assert checked.diagnostics.overdispersed_probe is not None
+    assert checked.diagnostics.converged is not None and checked.diagnostics.extensions in (0, 1)
+    assert checked.hyperparameters["calibrated"] is False
+
+
+def test_zero_localization_is_allowed_with_a_warning(small_problem):
+    model, loader = small_problem
+    with pytest.warns(LocalizationWarning, match="localization = 0"):
+        res = slt.estimate_llc(model, loader, mse, num_chains=2, num_draws=30, lr=1e-5, localization=0.0)
+    assert math.isfinite(res.llc_mean) and res.hyperparameters["localization"] == 0.0
+
+
+def test_bare_pytorch_loss_is_refused_with_the_expected_signature(small_problem):
+    model, loader = small_problem
+    for bad in (F.mse_loss, torch.nn.MSELoss()):
+        with pytest.raises(ValueError, match=r"loss_fn\(model, batch\)"):
+            slt.estimate_llc(model, loader, bad, num_chains=2, num_draws=10, lr=1e-4, localization=1.0)
+
+
+def test_landscape_takes_loader_then_loss_and_refuses_the_old_order(small_problem):
+    model, loader = small_problem
+    curve = slt.symmetry.interpolate(model, model, loader, mse, num_points=3)
+    assert np.allclose(curve.losses, curve.losses[0]) and curve.losses[0] < 1e-10
+    with pytest.raises(TypeError, match="swapped"):
+        slt.symmetry.interpolate(model, model, mse, loader, num_points=3)
+
+
+def test_jacobian_rank_uses_float32_tolerance_and_flags_non_morse_bott_points():
+    from slt_tools.theory import NotMorseBottWarning, dln_jacobian_rank_llc
+
+    last_cut = dln_at((9, 4, 6), 1, (1,))  # rank(J)/2 = Aoyagi's 29/2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dln_jacobian_rank_llc([l.weight for l in last_cut.layers]) == 29 / 2  # float32 weights as they are
+    both_cut = dln_at((9, 4, 6), 1, (0, 1))  # rank(J)/2 = 7 < 29/2: not Morse–Bott
+    with pytest.warns(NotMorseBottWarning, match="not Morse–Bott"):
+        assert dln_jacobian_rank_llc([l.weight for l in both_cut.layers]) == 7
+
+
+# ---------------------------------------------------------------- registry and step paths
+def test_a_registered_rule_is_usable_everywhere(small_problem):
+    """Adding a sampler is one register() call: a renamed copy of SGLD gives SGLD's chains."""
+    from slt_tools.sampling import rules
+
+    if "sgld_test_copy" not in rules.RULES:
+        rules.register(rules.Rule("sgld_test_copy", *[getattr(rules.RULES["sgld"], f) for f in
+                                                       ("update", "init", "first_move", "preconditioner",
+                                                        "defaults")]))
+    model, loader = small_problem
+    kw = dict(num_chains=2, num_draws=30, lr=1e-4, localization=10.0, mala_every=5)
+    a, b = _quiet(model, loader, mse, **kw), _quiet(model, loader, mse, sampler="sgld_test_copy", **kw)
+    np.testing.assert_array_equal(a.loss_trace, b.loss_trace)
+    assert b.diagnostics.mala_acceptance == a.diagnostics.mala_acceptance
+
+
+def _compiled_run(model, loader):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = slt.estimate_llc(model, loader, mse, num_chains=2, num_draws=20, lr=1e-4, localization=10.0,
+                               compile=True)
+    return res, [w for w in caught if issubclass(w.category, SamplingFallbackWarning)]
+
+
+def test_a_pinned_step_that_does_not_reproduce_the_compiled_call_is_not_used(small_problem, monkeypatch):
+    from slt_tools.sampling import compiled, steps
+
+    model, loader = small_problem
+    eager = _quiet(model, loader, mse, num_chains=2, num_draws=20, lr=1e-4, localization=10.0)
+    real_call = compiled.PinnedStep.__call__
+
+    def wrong(self, *args):
+        out = real_call(self, *args)
+        return None if out is None else (out[0] + 1.0, *out[1:])
+
+    monkeypatch.setattr(compiled.PinnedStep, "__call__", wrong)
+    monkeypatch.setattr(steps, "_WARNED", set())
+    res, caught = _compiled_run(model, loader)
+    assert any("not pinned" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    np.testing.assert_allclose(res.loss_trace, eager.loss_trace, rtol=1e-4, atol=1e-7)
+
+
+class _PassNeverRuns:
+    """A compile record as a torch that accepts the custom pass but never calls it would leave it."""
+
+    compiles = 0
+
+    @property
+    def passes_ran(self):
+        return 0
+
+    @passes_ran.setter
+    def passes_ran(self, value):
+        pass
+
+    def snapshot(self):
+        return self.compiles, 0
+
+
+def test_compiled_steps_notice_when_the_graph_rewrites_do_not_run(monkeypatch):
+    """One warning, same numbers (a fresh shape forces a fresh compile)."""
+    from slt_tools.sampling import compiled, steps
+
+    model = dln_at((5, 3, 5), 1, (1,), seed=7)
+    loader = teacher_loader(model, 300, 30, 5)
+    monkeypatch.setattr(steps, "_WARNED", set())
+    monkeypatch.setattr(compiled, "REWRITES", _PassNeverRuns())
+    res, caught = _compiled_run(model, loader)
+    assert res.diagnostics.compiled
+    assert sum("graph rewrites" in str(w.message) for w in caught) == 1, [str(w.message) for w in caught]
+    eager = _quiet(model, loader, mse, num_chains=2, num_draws=20, lr=1e-4, localization=10.0)
+    np.testing.assert_allclose(res.loss_trace, eager.loss_trace, rtol=1e-4, atol=1e-7)
+
+
+def test_rewrites_status_reads_the_compile_record():
+    from slt_tools.sampling import compiled
+
+    before = compiled.REWRITES.snapshot()
+    compiled.REWRITES.compiles += 2
+    compiled.REWRITES.passes_ran += 1
+    try:
+        why = compiled.rewrites_status(before)
+    finally:
+        compiled.REWRITES.compiles -= 2
+        compiled.REWRITES.passes_ran -= 1
+    assert why is not None and "2 graph(s)" in why and "on 1" in why
+    assert compiled.rewrites_status(compiled.REWRITES.snapshot()) is None
+
+
+def test_real_compiled_steps_run_the_rewrites(small_problem):
+    from slt_tools.sampling import compiled
+
+    model, loader = small_problem
+    before = compiled.REWRITES.snapshot()
+    res, caught = _compiled_run(model, loader)
+    assert res.diagnostics.compiled and not caught
+    assert compiled.rewrites_status(before) is None
