@@ -4,8 +4,10 @@ Public API (kept small and stable): LLC estimation (:func:`estimate_llc`, :func:
 (:func:`llc_trajectory`, :class:`LLCTracker`), developmental stages (:func:`detect_stages`) and W&B logging
 (:class:`WandbLogger`). Submodules: :mod:`slt_tools.theory` (closed-form learning coefficients),
 :mod:`slt_tools.symmetry` (canonical forms, alignment, barriers), :mod:`slt_tools.geometry` (Hessian, eNTK),
-:mod:`slt_tools.models`, :mod:`slt_tools.plots`. wandb and matplotlib are imported only when used.
+:mod:`slt_tools.models`, :mod:`slt_tools.plots`, :mod:`slt_tools.restrictions` (per-head / per-layer
+parameter masks), :mod:`slt_tools.losses` (language-model losses). wandb and matplotlib are imported only when used.
 """
+from slt_tools import losses, restrictions
 from slt_tools.logging import WandbLogger
 from slt_tools.sampling import LLCDivergenceError, LLCResult, combine_results, estimate_llc
 from slt_tools.sampling.calibration import Calibration, CalibrationError, calibrate_llc
@@ -24,5 +26,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Calibration", "CalibrationError", "CheckpointError", "LLCDivergenceError", "LLCResult", "LLCTracker", "Stage",
     "Trajectory", "WandbLogger", "calibrate_llc", "combine_results", "detect_stages", "estimate_llc",
-    "llc_trajectory", "log_schedule", "save_checkpoint",
+    "llc_trajectory", "log_schedule", "losses", "restrictions", "save_checkpoint",
 ]
