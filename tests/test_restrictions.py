@@ -107,6 +107,8 @@ def test_head_restrictions_partition_the_attention_parameters():
     attn = {n: p for n, p in model.named_parameters() if n.startswith("blocks.0.attn.") and n != "blocks.0.attn.b_O"}
     assert set(union.masks) == set(attn) and all(bool(m.all()) for m in union.masks.values())
     assert hs["l1h2"].numel == 3 * (16 * 4 + 4) + 4 * 16
+    groups = R.group_by_parameters([*hs.values(), R.embeddings(model)])
+    assert list(groups.values()) == [[f"l0h{h}" for h in range(4)], [f"l1h{h}" for h in range(4)], ["embed"]]
     assert hs["l1h2"].masks["blocks.1.attn.W_Q"][2].all() and hs["l1h2"].masks["blocks.1.attn.W_Q"].sum() == 64
 
 

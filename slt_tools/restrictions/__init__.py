@@ -21,6 +21,7 @@ from slt_tools.restrictions.core import (
     as_restriction,
     flat_masks,
     from_spec,
+    group_by_parameters,
     parameter_names,
     partition,
 )
@@ -40,6 +41,6 @@ from slt_tools.restrictions.families import (
 
 __all__ = [
     "FAMILIES", "SPEC_HELP", "Family", "Restriction", "as_restriction", "attention_modules", "embeddings",
-    "family_of", "flat_masks", "from_spec", "head", "heads", "layers", "mlps", "parameter_names", "partition",
-    "register", "unembedding",
+    "family_of", "flat_masks", "from_spec", "group_by_parameters", "head", "heads", "layers", "mlps",
+    "parameter_names", "partition", "register", "unembedding",
 ]

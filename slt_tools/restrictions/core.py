@@ -160,6 +160,16 @@ def flat_masks(restrictions: Mapping[str, Restriction] | Iterable[Restriction], 
     return torch.stack([r.flat_mask(names, shapes, device) for r in _as_list(restrictions)])
 
 
+def group_by_parameters(restrictions: Mapping[str, Restriction] | Iterable[Restriction]
+                        ) -> dict[tuple[str, ...], list[str]]:
+    """Restriction names grouped by the set of parameters they touch (sorted tuple → names, first-seen order): the
+    heads of one layer form one group, so a batched run can share everything upstream of that layer."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for r in _as_list(restrictions):
+        groups.setdefault(tuple(sorted(r.masks)), []).append(r.name)
+    return groups
+
+
 # ---------------------------------------------------------------------------------------------- hand-written specs
 
 
