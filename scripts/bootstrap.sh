@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create (or reuse) the local virtual environment .venv and install slt_tools with its dev extras.
+# Create (or reuse) the local virtual environment .venv and install slt_tools with its dev, hf and tl extras (the tests
+# of Hugging Face / TransformerLens head restrictions need them: about 30 s and 400 MB on top of dev).
 # torch is pinned to the CPU build that lies on this machine's disk (2.13.0) so pip never pulls a CUDA build;
 # pyproject.toml declares torch>=2.3, which that pin satisfies. Re-runs are no-ops unless pyproject.toml changed.
 set -euo pipefail
@@ -14,6 +15,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     log="$venv/install.log"; : > "$log"
     "$venv/bin/python" -m pip install -q --upgrade pip >>"$log" 2>&1 || { cat "$log" >&2; exit 1; }
     "$venv/bin/python" -m pip install -q "torch==${SLT_TORCH_VERSION:-2.13.0}" >>"$log" 2>&1 || { cat "$log" >&2; exit 1; }
-    "$venv/bin/python" -m pip install -q -e "$root[dev]" >>"$log" 2>&1 || { cat "$log" >&2; exit 1; }
+    "$venv/bin/python" -m pip install -q -e "$root[dev,hf,tl]" >>"$log" 2>&1 || { cat "$log" >&2; exit 1; }
     echo "$want" > "$stamp"
 fi

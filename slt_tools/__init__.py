@@ -4,7 +4,8 @@ Public API (kept small and stable): LLC estimation (:func:`estimate_llc`, :func:
 :func:`calibrate_llc`), LLC over training (:func:`llc_trajectory`, :class:`LLCTracker`), developmental stages
 (:func:`detect_stages`) and W&B logging (:class:`WandbLogger`). Submodules are reachable as attributes and imported on
 first use (``slt_tools.theory``, ``.symmetry``, ``.geometry``, ``.models``, ``.plots``, ``.sampling``, ``.stages``,
-``.trajectory``, ``.logging``, ``.synthetic``, ``.cli``): wandb and matplotlib are imported only when used.
+``.trajectory``, ``.logging``, ``.synthetic``, ``.cli``, ``.restrictions`` (per-head / per-layer parameter masks),
+``.losses`` (language-model losses)): wandb and matplotlib are imported only when used.
 """
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ from slt_tools.trajectory import (
 __version__ = "0.1.0"
 
 #: submodules importable as attributes (``slt_tools.theory``), loaded on first access as numpy/scipy do
-_SUBMODULES = ("cli", "geometry", "logging", "models", "plots", "sampling", "stages", "symmetry", "synthetic",
-               "theory", "trajectory")
+_SUBMODULES = ("cli", "geometry", "logging", "losses", "models", "plots", "restrictions", "sampling", "stages",
+               "symmetry", "synthetic", "theory", "trajectory")
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,4 @@
-"""Every Python block in docs/guide.md runs, in order, in one namespace."""
+"""Every Python block in docs/guide.md (and docs/transformers.md) runs, in order, in one namespace."""
 import re
 import warnings
 from pathlib import Path
@@ -37,3 +37,23 @@ def test_runnable_docs_blocks_run(tmp_path, monkeypatch):
             warnings.simplefilter("ignore")
             for i, code in enumerate(blocks):
                 exec(compile(code, f"{name}[block {i}]", "exec"), namespace)  # noqa: S102
+
+
+def test_transformers_doc_code_blocks_run(tmp_path, monkeypatch):
+    """docs/transformers.md: restrictions, flat masks, losses and vmappable attention, executed in order."""
+    from slt_tools import restrictions
+
+    doc = GUIDE.with_name("transformers.md")
+    monkeypatch.chdir(tmp_path)
+    saved = list(restrictions.FAMILIES)
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    assert len(blocks) >= 6
+    namespace: dict = {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for i, code in enumerate(blocks):
+                exec(compile(code, f"{doc.name}[block {i}]", "exec"), namespace)  # noqa: S102
+    finally:
+        restrictions.FAMILIES[:] = saved  # the doc registers a family
+    assert namespace["masks"].shape[0] == 8 and namespace["mine"].numel == 386
