@@ -301,3 +301,57 @@ def test_real_compiled_steps_run_the_rewrites(small_problem):
     res, caught = _compiled_run(model, loader)
     assert res.diagnostics.compiled and not caught
     assert compiled.rewrites_status(before) is None
+
+
+# ---------------------------------------------------------------- what loss_fn sees
+def test_loss_fn_sees_the_sampled_weights_however_it_reads_them():
+    """A weight-decay term over model.parameters() and a hand-written forward through model.lin.weight must be
+    evaluated at the chain's θ, not at w* (they were: λ̂ 1.34 where 1.75 is right)."""
+    from slt_tools.sampling.functional import FlatParams, make_loss
+
+    lin = torch.nn.Linear(3, 2)
+    model = torch.nn.Sequential()
+    model.add_module("lin", lin)
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+
+    def by_call(m, b):
+        return F.mse_loss(m(b[0]), b[1]) + 0.1 * sum(p.pow(2).sum() for p in m.parameters())
+
+    def by_attribute(m, b):
+        return F.mse_loss(b[0] @ m.lin.weight.T + m.lin.bias, b[1]) + 0.1 * sum(p.pow(2).sum() for p in m.parameters())
+
+    layout = FlatParams.from_model(model, [n for n, _ in model.named_parameters()])
+    theta = layout.flatten(model) + 0.5
+    moved = torch.nn.Sequential()
+    moved.add_module("lin", torch.nn.Linear(3, 2))
+    layout.write_to(moved, theta)
+    for fn in (by_call, by_attribute):
+        got = make_loss(model, layout, fn)(theta, (x, y))
+        assert torch.allclose(got, fn(moved, (x, y))), fn.__name__
+        batched = torch.func.vmap(make_loss(model, layout, fn), in_dims=(0, None))(torch.stack([theta, theta - 0.5]),
+                                                                                   (x, y))
+        assert torch.allclose(batched, torch.stack([fn(moved, (x, y)), fn(model, (x, y))]))
+    assert torch.allclose(layout.flatten(model), theta - 0.5)  # the model itself is untouched
+
+
+def test_models_are_sampled_in_eval_mode_and_their_modes_restored():
+    """Dropout off by default (a seeded run reproduces, and equals the same network without dropout); the caller's
+    train/eval flags come back module by module; train mode is recorded and warned about."""
+    from slt_tools.sampling.estimate import ModeWarning
+
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    with_dropout = torch.nn.Sequential(body[0], body[1], torch.nn.Dropout(0.5), body[2])
+    x = torch.randn(400, 4)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, body(x).detach()), batch_size=50)
+    with_dropout.train()
+    with_dropout[2].eval()  # a mixed state, to be restored exactly
+    kw = dict(num_chains=2, num_draws=30, lr=1e-4, localization=10.0, seed=1)
+    a, b, plain = (_quiet(m, loader, mse, **kw) for m in (with_dropout, with_dropout, body))
+    np.testing.assert_array_equal(a.loss_trace, b.loss_trace)
+    np.testing.assert_allclose(a.loss_trace, plain.loss_trace, rtol=1e-6, atol=1e-9)
+    assert a.hyperparameters["model_mode"] == "eval"
+    assert [m.training for m in with_dropout] == [True, True, False, True]
+    with pytest.warns(ModeWarning, match="Dropout"):
+        t = slt.estimate_llc(with_dropout, loader, mse, model_mode="train", **kw)
+    assert t.hyperparameters["model_mode"] == "train" and [m.training for m in with_dropout] == [True, True, False, True]

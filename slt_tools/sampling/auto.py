@@ -29,7 +29,7 @@ from torch import nn
 
 from slt_tools.sampling.calibration import calibrate
 from slt_tools.sampling.config import LLCConfig
-from slt_tools.sampling.estimate import LLCProblem, sample
+from slt_tools.sampling.estimate import LLCProblem, model_mode, sample
 from slt_tools.sampling.functional import LossFn
 from slt_tools.sampling.result import Calibration, LLCDivergenceError, LLCResult, NotConvergedWarning, ProbeRecord
 
@@ -184,6 +184,16 @@ def estimate_llc(model: nn.Module, loader: Any, loss_fn: LossFn, config: LLCConf
     for convergence; the calibration record is ``result.diagnostics.calibration``.
     """
     config = LLCConfig.from_kwargs(config, **settings)
+    with model_mode(model, config.model_mode):
+        result = _estimate(model, loader, loss_fn, config, chain_ids, device, progress)
+    if logger is not None:
+        logger.log_llc(result)
+    return result
+
+
+def _estimate(model: nn.Module, loader: Any, loss_fn: LossFn, config: LLCConfig, chain_ids: Sequence[int] | None,
+              device: str | torch.device | None, progress: bool) -> LLCResult:
+    """Prepare once, calibrate what is unset, then one plain run or the checked run."""
     problem = LLCProblem.build(model, loader, loss_fn, config.restrict_to, device)
     calib, user_lr = None, config.lr
     if config.calibrated:
@@ -194,9 +204,5 @@ def estimate_llc(model: nn.Module, loader: Any, loss_fn: LossFn, config: LLCConf
                                 num_burnin_steps=max(config.num_burnin_steps, calib.num_burnin_steps),
                                 max_extensions=config.extensions_allowed, convergence_probe=config.probe_enabled)
     if calib is not None or config.extensions_allowed > 0 or config.probe_enabled:
-        result = _checked_run(problem, config, calib, calib is not None and user_lr is None, chain_ids, progress)
-    else:
-        result = sample(problem, config, chain_ids=chain_ids, progress=progress)
-    if logger is not None:
-        logger.log_llc(result)
-    return result
+        return _checked_run(problem, config, calib, calib is not None and user_lr is None, chain_ids, progress)
+    return sample(problem, config, chain_ids=chain_ids, progress=progress)

@@ -59,6 +59,9 @@ class LLCConfig:
     allowed with a :class:`LocalizationWarning`: without localisation the chains are not held near w* and on a
     model with unbounded flat directions λ̂ can drift without limit. ``max_extensions``/``convergence_probe`` left as
     None mean "on for self-calibrated runs, off for hand-set ones"; set explicitly, they apply to hand-set runs too.
+    ``model_mode``: the model is sampled in eval mode by default (dropout off, BatchNorm on its running statistics:
+    the loss is then one deterministic function of w) and its modes are restored afterwards; ``"train"`` samples in
+    train mode (dropout noise per chain and step; BatchNorm normalises by each minibatch).
     """
 
     num_chains: int = 8
@@ -80,6 +83,7 @@ class LLCConfig:
     on_divergence: str = "raise"
     init_spread: float = 0.0
     compile: bool = False
+    model_mode: str = "eval"
     max_extensions: int | None = None
     convergence_probe: bool | None = None
 
@@ -118,6 +122,8 @@ class LLCConfig:
             raise ValueError(f"init_spread must be a non-negative finite number, got {self.init_spread!r}")
         if self.nbeta_convention not in ("dataset", "batch"):
             raise ValueError(f"nbeta_convention must be 'dataset' or 'batch', got {self.nbeta_convention!r}")
+        if self.model_mode not in ("eval", "train"):
+            raise ValueError(f"model_mode must be 'eval' or 'train', got {self.model_mode!r}")
         if self.on_divergence not in ("raise", "exclude"):
             raise ValueError(f"on_divergence must be 'raise' or 'exclude', got {self.on_divergence!r}")
         get_rule(self.sampler)  # unknown sampler: ValueError naming the registered ones

@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,7 +124,7 @@ def hyperparameters(config: LLCConfig, problem: LLCProblem, num_chains: int) -> 
                 num_burnin_steps=config.num_burnin_steps, num_steps_bw_draws=config.num_steps_bw_draws,
                 seed=config.seed, restrict_to=list(problem.restrict_to) if problem.restrict_to is not None else None,
                 num_params=problem.layout.dim, explode_threshold=float(explode), mala_every=config.mala_every,
-                init_spread=config.init_spread)
+                init_spread=config.init_spread, model_mode=config.model_mode)
 
 
 def _chain_ids(config: LLCConfig, chain_ids: Sequence[int] | None) -> list[int]:
@@ -187,13 +188,38 @@ def sample(problem: LLCProblem, config: LLCConfig, *, chain_ids: Sequence[int] |
     return summarize(trace, problem.init_loss, hp, ids, mala, config.on_divergence, extra)
 
 
+class ModeWarning(RuntimeWarning):
+    """Sampling in train mode with modules whose train-mode loss is not a function of w alone."""
+
+
+@contextmanager
+def model_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """Put every module of ``model`` in ``mode`` ("eval"/"train") for the block; restore each module's own flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.train(mode == "train")
+    if mode == "train":
+        kinds = sorted({type(m).__name__ for m in model.modules()
+                        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))})
+        if kinds:
+            warnings.warn(f"sampling in train mode with {', '.join(kinds)}: dropout draws fresh masks per chain and "
+                          "step, BatchNorm normalises by each minibatch (and cannot be vmapped: chains then run in a "
+                          "loop), so the sampled loss is not L_n(w); the default model_mode='eval' avoids both",
+                          ModeWarning, stacklevel=4)
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
 def sample_llc(model: nn.Module, loader: Any, loss_fn: LossFn, config: LLCConfig, *,
                chain_ids: Sequence[int] | None = None, device: str | torch.device | None = None,
                progress: bool = False, logger: Any = None) -> LLCResult:
     """λ̂(w*) of ``model`` at its current weights from one run with the fixed settings ``config`` (``lr`` and
     ``localization`` set). The model is not modified. See :func:`slt_tools.estimate_llc` for the arguments."""
-    problem = LLCProblem.build(model, loader, loss_fn, config.restrict_to, device)
-    result = sample(problem, config, chain_ids=chain_ids, progress=progress)
+    with model_mode(model, config.model_mode):
+        problem = LLCProblem.build(model, loader, loss_fn, config.restrict_to, device)
+        result = sample(problem, config, chain_ids=chain_ids, progress=progress)
     if logger is not None:
         logger.log_llc(result)
     return result

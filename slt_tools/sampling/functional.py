@@ -99,14 +99,33 @@ class FlatParams:
                 params[name].copy_(piece.view(shape))
 
 
+try:  # the context manager behind torch.func.functional_call (private; without it: FunctionalModel)
+    from torch.nn.utils.stateless import _reparametrize_module
+except ImportError:  # pragma: no cover - older torch
+    _reparametrize_module = None
+
+
 def make_loss(model: nn.Module, layout: FlatParams, loss_fn: LossFn) -> Callable[[torch.Tensor, Any], torch.Tensor]:
-    """θ, batch ↦ L_B(θ), the user's scalar minibatch loss at the flat parameters θ."""
+    """θ, batch ↦ L_B(θ), the user's scalar minibatch loss at the flat parameters θ.
+
+    The whole ``loss_fn(model, batch)`` call runs with θ swapped into the model (as ``functional_call`` does for a
+    forward pass), so every way the loss reads the weights sees the sampled ones: ``model(x)``, a weight-decay term
+    over ``model.parameters()``, a hand-written forward reading ``model.layer.weight``. The swap is undone when the
+    call returns; the model itself is never modified.
+    """
     # untying shared parameters costs a pass over the module tree on every call: skip it when nothing is shared
     tied = (len(list(model.named_parameters(remove_duplicate=False))) != len(list(model.named_parameters()))
             or len(list(model.named_buffers(remove_duplicate=False))) != len(list(model.named_buffers())))
 
+    if _reparametrize_module is None:  # pragma: no cover - older torch: only model(...) sees θ
+        def loss_at(theta: torch.Tensor, batch: Any) -> torch.Tensor:
+            return loss_fn(FunctionalModel(model, layout.unflatten(theta), tie_weights=tied), batch)
+
+        return loss_at
+
     def loss_at(theta: torch.Tensor, batch: Any) -> torch.Tensor:
-        return loss_fn(FunctionalModel(model, layout.unflatten(theta), tie_weights=tied), batch)
+        with _reparametrize_module(model, layout.unflatten(theta), tie_weights=tied):
+            return loss_fn(model, batch)
 
     return loss_at
 
