@@ -354,4 +354,5 @@ def test_models_are_sampled_in_eval_mode_and_their_modes_restored():
     assert [m.training for m in with_dropout] == [True, True, False, True]
     with pytest.warns(ModeWarning, match="Dropout"):
         t = slt.estimate_llc(with_dropout, loader, mse, model_mode="train", **kw)
-    assert t.hyperparameters["model_mode"] == "train" and [m.training for m in with_dropout] == [True, True, False, True]
+    assert t.hyperparameters["model_mode"] == "train"
+    assert [m.training for m in with_dropout] == [True, True, False, True]
