@@ -356,3 +356,34 @@ def test_models_are_sampled_in_eval_mode_and_their_modes_restored():
         t = slt.estimate_llc(with_dropout, loader, mse, model_mode="train", **kw)
     assert t.hyperparameters["model_mode"] == "train"
     assert [m.training for m in with_dropout] == [True, True, False, True]
+
+
+# ---------------------------------------------------------------- honest hand-set runs
+def test_a_burn_in_transient_is_not_called_stationary():
+    """A trace rising from 8.8 to 24 in every chain (chains started at w* still climbing) used to pass: the Geweke
+    z-scores were computed and ignored. A stationary trace of the same noise still passes."""
+    from slt_tools.sampling.diagnostics import summarize_chains
+
+    rng = np.random.default_rng(3)
+    t = np.arange(400)
+    rising = 8.8 + (24 - 8.8) * (1 - np.exp(-t / 60))
+    noise = 0.5 * rng.standard_normal((6, 400))
+    nbeta = 100.0
+    d = summarize_chains((rising + noise) / nbeta, 0.0, nbeta, 1e9)
+    assert not d["stationary"] and any("initial transient" in r for r in d["not_stationary_reasons"])
+    flat = summarize_chains((24 + noise) / nbeta, 0.0, nbeta, 1e9)
+    assert flat["stationary"], flat["not_stationary_reasons"]
+
+
+def test_low_mala_acceptance_warns_with_advice_in_the_right_direction(small_problem):
+    from slt_tools.sampling.result import StepSizeWarning
+
+    model, loader = small_problem
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = slt.estimate_llc(model, loader, mse, num_chains=2, num_draws=60, lr=3e-3, localization=10.0,
+                               mala_every=3, on_divergence="exclude")
+    acc = res.diagnostics.mala_acceptance
+    messages = [str(w.message) for w in caught if issubclass(w.category, StepSizeWarning)]
+    assert acc < 0.9 and messages and "smaller lr" in messages[0], (acc, messages)
+    assert not any("or a larger lr" in str(w.message) for w in caught)

@@ -24,6 +24,7 @@ from slt_tools.sampling.result import (
     PerChainDiagnostics,
     ProbeRecord,
     SamplingFallbackWarning,
+    StepSizeWarning,
     combine_results,
 )
 from slt_tools.sampling.rules import RULES, Rule, register
@@ -32,6 +33,6 @@ __all__ = [
     "RULES", "Calibration", "CalibrationCandidate", "CalibrationError", "CalibrationSettings", "DivergenceWarning",
     "LLCConfig", "LLCDiagnostics", "LLCDivergenceError", "LLCProblem", "LLCResult", "LLCWarning",
     "LocalizationWarning", "NegativeLLCWarning", "NotConvergedWarning", "NotStationaryWarning",
-    "PerChainDiagnostics", "ProbeRecord", "Rule", "SamplingFallbackWarning", "calibrate_llc", "combine_results",
+    "PerChainDiagnostics", "ProbeRecord", "Rule", "SamplingFallbackWarning", "StepSizeWarning", "calibrate_llc", "combine_results",
     "default_nbeta", "estimate_llc", "register", "sample_llc",
 ]

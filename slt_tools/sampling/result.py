@@ -42,6 +42,10 @@ class NotStationaryWarning(LLCWarning):
     """The λ̂ trace has not settled (split-R̂ or drift over the second half)."""
 
 
+class StepSizeWarning(LLCWarning):
+    """The MALA acceptance of the sampler's proposals is low: the step size's discretisation bias is measurable."""
+
+
 class NotConvergedWarning(LLCWarning):
     """The convergence checks (longer runs, overdispersed probe) failed: λ̂ is not a trustworthy answer."""
 
@@ -57,7 +61,10 @@ class LLCDivergenceError(RuntimeError):
 #: warning class name → the class, for reading grouped warnings back from a store
 WARNING_CLASSES: dict[str, type[LLCWarning]] = {c.__name__: c for c in (
     LLCWarning, DivergenceWarning, NegativeLLCWarning, NotStationaryWarning, NotConvergedWarning,
-    SamplingFallbackWarning)}
+    SamplingFallbackWarning, StepSizeWarning)}
+
+#: MALA acceptance below which a run warns that ε is large enough to bias λ̂ (calibration demands 0.95)
+LOW_ACCEPTANCE = 0.9
 
 
 # --------------------------------------------------------------------------------------------------- JSON helpers
@@ -362,10 +369,17 @@ def summarize(
         warnings.warn(f"λ̂ = {mean:.4g} < 0: w* is not a local minimum of the loss (draws fall below L_n(w*) "
                       f"{100 * frac:.0f}% of the time); train further or increase localization", NegativeLLCWarning,
                       stacklevel=3)
+    low = diag.mala_acceptance is not None and math.isfinite(diag.mala_acceptance) and \
+        diag.mala_acceptance < LOW_ACCEPTANCE
+    if warn and low:
+        warnings.warn(f"MALA acceptance of the proposals is {diag.mala_acceptance:.2f} < {LOW_ACCEPTANCE}: lr = "
+                      f"{hyperparameters['lr']:g} is large enough for a measurable discretisation bias in λ̂ — use a "
+                      "smaller lr (and more steps for the same diffusion time)", StepSizeWarning, stacklevel=3)
     if warn and not diag.stationary:
+        advice = ("use more draws/burn-in (not a larger lr: the MALA acceptance is already low)" if low else
+                  "use more draws/burn-in or a larger lr")
         warnings.warn("LLC trace has not settled: " + "; ".join(diag.not_stationary_reasons) +
-                      " — use more draws/burn-in or a larger lr; see result.diagnostics", NotStationaryWarning,
-                      stacklevel=3)
+                      f" — {advice}; see result.diagnostics", NotStationaryWarning, stacklevel=3)
     return LLCResult(mean, std, sem, per_chain, loss_trace, float(init_loss), dict(hyperparameters), diag,
                      [int(c) for c in chain_ids])
 
