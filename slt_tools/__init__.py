@@ -64,7 +64,8 @@ def __dir__() -> list[str]:
 __all__ = [
     "Calibration", "CalibrationError", "CheckpointError", "DivergenceWarning", "LLCConfig", "LLCDiagnostics",
     "LLCDivergenceError", "LLCResult", "LLCTracker", "LLCWarning", "NegativeLLCWarning", "NotConvergedWarning",
-    "NotStationaryWarning", "SamplingFallbackWarning", "Stage", "StepSizeWarning", "Trajectory", "WandbLogger", "calibrate_llc",
+    "NotStationaryWarning", "SamplingFallbackWarning", "Stage", "StepSizeWarning", "Trajectory", "WandbLogger",
+    "calibrate_llc",
     "combine_results", "detect_stages", "estimate_llc", "llc_trajectory", "log_schedule", "sample_llc",
     "save_checkpoint",
 ]

@@ -33,6 +33,7 @@ __all__ = [
     "RULES", "Calibration", "CalibrationCandidate", "CalibrationError", "CalibrationSettings", "DivergenceWarning",
     "LLCConfig", "LLCDiagnostics", "LLCDivergenceError", "LLCProblem", "LLCResult", "LLCWarning",
     "LocalizationWarning", "NegativeLLCWarning", "NotConvergedWarning", "NotStationaryWarning",
-    "PerChainDiagnostics", "ProbeRecord", "Rule", "SamplingFallbackWarning", "StepSizeWarning", "calibrate_llc", "combine_results",
+    "PerChainDiagnostics", "ProbeRecord", "Rule", "SamplingFallbackWarning", "StepSizeWarning", "calibrate_llc",
+    "combine_results",
     "default_nbeta", "estimate_llc", "register", "sample_llc",
 ]
