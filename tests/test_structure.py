@@ -241,6 +241,7 @@ def test_a_pinned_step_that_does_not_reproduce_the_compiled_call_is_not_used(sma
 
     monkeypatch.setattr(compiled.PinnedStep, "__call__", wrong)
     monkeypatch.setattr(steps, "_WARNED", set())
+    monkeypatch.setattr(steps, "_VERIFIED", {})
     res, caught = _compiled_run(model, loader)
     assert any("not pinned" in str(w.message) for w in caught), [str(w.message) for w in caught]
     np.testing.assert_allclose(res.loss_trace, eager.loss_trace, rtol=1e-4, atol=1e-7)

@@ -42,6 +42,8 @@ LossAt = Callable[[torch.Tensor, Any], torch.Tensor]
 StepOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 
 _WARNED: set[str] = set()
+#: id(graph) → (graph, placements verified to reproduce its compiled call): verification costs one step per graph
+_VERIFIED: dict[int, tuple[Any, set[tuple[Any, ...]]]] = {}
 
 
 def warn_once(key: str, message: str) -> None:
@@ -132,13 +134,17 @@ class CompiledPath:
 
     def pin(self) -> PinnedStep | str:
         """The last call's graph as a :class:`PinnedStep`, verified to reproduce that call on its own inputs (which
-        the engine has not touched yet: it pins right after the step); or why it cannot be pinned."""
+        the engine has not touched yet: it pins right after the step) once per graph and placement per process; or
+        why it cannot be pinned."""
         if self.last is None:
             return "no compiled step ran yet"
         inputs, out, record = self.last
         built = PinnedStep.build(inputs, out, record)
         if isinstance(built, str):
             return built
+        key = (tuple(built.sources), tuple(built.outs), str(built.batch_spec))
+        if key in _VERIFIED.get(id(built.graph), (None, set()))[1]:
+            return built  # this graph, placed this way, already reproduced its compiled call in this process
         try:
             again = built(*inputs)
         except Exception as exc:  # noqa: BLE001 - any failure of the direct call means "do not pin"
@@ -146,6 +152,8 @@ class CompiledPath:
         if again is None or not all(_same(a, b) for a, b in zip(again, out)):
             return ("the pinned call did not reproduce the compiled step on the same inputs (a torch change in how "
                     "graphs take their inputs?)")
+        # the graph object is kept alive with its verified placements, so its id cannot be reused by another graph
+        _VERIFIED.setdefault(id(built.graph), (built.graph, set()))[1].add(key)
         return built
 
 
