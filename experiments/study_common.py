@@ -80,7 +80,7 @@ def analyse(name: str, out: Path, config: dict, model_factory: Callable[[], Any]
     stages = slt.detect_stages(steps[mask], llc[mask], loss=loss[mask], llc_std=std[mask])
     from slt_tools.plots import plot_stages
 
-    plot_stages(steps[mask], llc[mask], llc_std=std[mask], loss=loss[mask], stages=stages,
+    plot_stages(steps[mask], llc[mask], loss[mask], std[mask], stages=stages,
                 path=figures / "stages.png")
     if extra_series:
         plot_extra(train_rows, extra_series, steps, llc, std, mask, stages, figures / "llc_and_metrics.png")

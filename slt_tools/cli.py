@@ -132,7 +132,7 @@ def stages(store: Path, plot_path: Path | None, as_json: bool, use_wandb: bool) 
     if plot_path is not None:
         from slt_tools.plots import plot_stages
 
-        plot_stages(traj.steps, traj.llc_mean, llc_std=traj.llc_std, loss=traj.loss, stages=found, path=plot_path)
+        plot_stages(traj.steps, traj.llc_mean, traj.loss, traj.llc_std, stages=found, path=plot_path)
         click.echo(f"figure -> {plot_path}")
     logger = _logger(use_wandb, {"store": str(store)})
     if logger is not None:
