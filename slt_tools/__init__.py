@@ -6,10 +6,11 @@ Public API (kept small and stable): LLC estimation (:func:`estimate_llc`, :func:
 :mod:`slt_tools.symmetry` (canonical forms, alignment, barriers), :mod:`slt_tools.geometry` (Hessian, eNTK),
 :mod:`slt_tools.models`, :mod:`slt_tools.plots`. wandb and matplotlib are imported only when used.
 """
+from slt_tools.essential_dynamics import EssentialDynamics, essential_dynamics
 from slt_tools.logging import WandbLogger
 from slt_tools.sampling import LLCDivergenceError, LLCResult, combine_results, estimate_llc
 from slt_tools.sampling.calibration import Calibration, CalibrationError, calibrate_llc
-from slt_tools.stages import Stage, detect_stages
+from slt_tools.stages import Stage, StageList, detect_stages
 from slt_tools.trajectory import (
     CheckpointError,
     LLCTracker,
@@ -22,7 +23,8 @@ from slt_tools.trajectory import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Calibration", "CalibrationError", "CheckpointError", "LLCDivergenceError", "LLCResult", "LLCTracker", "Stage",
+    "Calibration", "CalibrationError", "CheckpointError", "EssentialDynamics", "LLCDivergenceError", "LLCResult",
+    "LLCTracker", "Stage", "StageList", "essential_dynamics",
     "Trajectory", "WandbLogger", "calibrate_llc", "combine_results", "detect_stages", "estimate_llc",
     "llc_trajectory", "log_schedule", "save_checkpoint",
 ]

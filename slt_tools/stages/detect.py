@@ -126,8 +126,8 @@ def detect_stages(steps: Any, llc: Any = None, loss: Any = None, llc_std: Any = 
     c = prepare(steps, llc, loss, llc_std, loss_steps=loss_steps, flags=flags, exclude_flagged=exclude_flagged)
     s, y, sd = c.steps, c.llc, c.llc_std
     if len(s) < 2 * min_points:
-        raise ValueError(f"need at least {2 * min_points} usable checkpoints to find stages (min_points="
-                         f"{min_points}), got {len(s)}" + (f" after excluding {len(c.excluded)}" if c.excluded else ""))
+        raise ValueError(f"need at least {2 * min_points} checkpoints to find stages (min_points={min_points}), got "
+                         f"{len(s)} usable" + (f" after excluding {len(c.excluded)}" if c.excluded else ""))
     if axis == "log" and s.min() < 0:
         raise ValueError("axis='log' needs non-negative steps")
     x = np.log(s + 1.0) if axis == "log" else s.copy()
