@@ -128,7 +128,7 @@ def run(cfg: StaircaseConfig, out: Path, use_wandb: bool = True) -> dict:
     name = "dln_staircase" + ("-quick" if cfg == QUICK else "")
     summary = analyse(name, out, asdict(cfg), lambda: DeepLinearNetwork(cfg.widths), loader, mse_loss, cfg.llc,
                       rows, use_wandb, extra_series={"train_loss": "train loss (MSE)", "learned_rank": "learned rank"},
-                      valid=lambda llc: llc > 0)
+                      valid=lambda llc: llc > 0, probe=(x[:64], None))
     summary["plateaus"] = plateau_table(summary, rows, cfg)
     summary["num_type_A"] = sum(k == "A" for k in summary["stage_kinds"])
     summary["wall_time_s"] = time.perf_counter() - t0

@@ -119,7 +119,8 @@ def run(cfg: InductionConfig, out: Path, use_wandb: bool = True) -> dict:
     name = "induction_heads" + ("-quick" if cfg == QUICK else "")
     summary = analyse(name, out, asdict(cfg), lambda: Transformer(model_config(cfg)), loader, lm_loss, cfg.llc,
                       rows, use_wandb, extra_series={"train_loss": "train loss", "icl_score": "ICL score",
-                                                     "induction_score_max": "max induction score"})
+                                                     "induction_score_max": "max induction score"},
+                      probe=(make_data(cfg)[:32], None))
     summary["train_log"] = rows
     formed = next((int(r["step"]) for r in rows if r["induction_score_max"] > 0.3), None)
     summary["induction_head_formed_at"] = formed

@@ -59,11 +59,14 @@ def train_with_checkpoints(out: Path, steps: Sequence[int], make_state: Callable
 
 def analyse(name: str, out: Path, config: dict, model_factory: Callable[[], Any], loader: Any, loss_fn: Callable,
             llc_kwargs: dict, train_rows: list[dict], use_wandb: bool, extra_series: dict[str, str] | None = None,
-            valid: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+            valid: Callable[[np.ndarray], np.ndarray] | None = None, probe: tuple[Any, Callable | None] | None = None
+            ) -> dict:
     """LLC trajectory over ``out/checkpoints`` → stages → figures, W&B, summary. Returns the summary dict.
 
     ``valid(llc_mean) -> mask`` selects the estimates used for stage detection (e.g. λ̂ > 0); the others are
-    reported as excluded. ``extra_series`` maps train-log columns to axis labels drawn under the LLC figure.
+    reported as excluded; so are estimates the estimator flagged (diverged, not converged). ``extra_series`` maps
+    train-log columns to axis labels drawn under the LLC figure. ``probe = (inputs, forward or None)``: essential
+    dynamics of the outputs on ``inputs`` across the checkpoints, a second signal for the stages.
     """
     t0 = time.perf_counter()
     figures = out / "figures"
@@ -77,10 +80,23 @@ def analyse(name: str, out: Path, config: dict, model_factory: Callable[[], Any]
     steps, llc, std, loss = (np.asarray(a, dtype=float) for a in (traj.steps, traj.llc_mean, traj.llc_std, traj.loss))
     mask = valid(llc) if valid is not None else np.isfinite(llc)
     print(f"[stages] detecting stages on {int(mask.sum())} valid estimates", flush=True)
-    stages = slt.detect_stages(steps[mask], llc[mask], loss=loss[mask], llc_std=std[mask])
-    from slt_tools.plots import plot_stages
+    flags = slt.stages.flags_from_results(traj.results) if traj.results else [None] * len(steps)
+    ed = (slt.essential_dynamics(out / "checkpoints", probe[0], model_factory=model_factory, forward=probe[1])
+          if probe is not None else None)
+    flags = [f for f, v in zip(flags, mask) if v]
+    policy = "excluded: llc<0, diverged, not converged, not stationary"
+    if sum(f is None for f in flags) < 6:  # too few clean estimates: keep the soft-flagged ones, say so
+        flags = [f if f and ("llc<0" in f or "diverged" in f) else None for f in flags]
+        policy = "excluded: llc<0, diverged (too few estimates were converged and stationary to exclude the rest)"
+    stages = slt.detect_stages(steps[mask], llc[mask], loss=loss[mask], llc_std=std[mask], milestones=ed,
+                               flags=flags)
+    from slt_tools.plots import plot_essential_dynamics, plot_stages
 
-    plot_stages(steps[mask], llc[mask], llc_std=std[mask], loss=loss[mask], stages=stages,
+    if ed is not None:
+        plot_essential_dynamics(ed, stages, path=figures / "essential_dynamics.png",
+                                title=f"{name}: essential dynamics, stages and milestones")
+
+    plot_stages(steps[mask], llc[mask], loss[mask], std[mask], stages=stages,
                 path=figures / "stages.png")
     if extra_series:
         plot_extra(train_rows, extra_series, steps, llc, std, mask, stages, figures / "llc_and_metrics.png")
@@ -96,6 +112,11 @@ def analyse(name: str, out: Path, config: dict, model_factory: Callable[[], Any]
         "stages": [s.to_dict() for s in stages],
         "stage_kinds": [s.kind for s in stages],
         "excluded_checkpoints": [int(s) for s, v in zip(steps, mask) if not v],
+        "excluded_from_stages": stages.excluded,
+        "stage_flag_policy": policy,
+        "stage_boundaries": [b.to_dict() for b in stages.boundaries],
+        "essential_dynamics": None if ed is None else {k: v for k, v in ed.to_dict().items() if k != "scores"},
+        "stages_vs_essential_dynamics": stages.agreement,
         "analysis_wall_time_s": time.perf_counter() - t0,
     }
     return summary

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from slt_tools.essential_dynamics import EssentialDynamics, essential_dynamics
 from slt_tools.logging import WandbLogger
 from slt_tools.sampling import (
     Calibration,
@@ -32,7 +33,7 @@ from slt_tools.sampling import (
     estimate_llc,
     sample_llc,
 )
-from slt_tools.stages import Stage, detect_stages
+from slt_tools.stages import Stage, StageList, detect_stages
 from slt_tools.trajectory import (
     CheckpointError,
     LLCTracker,
@@ -45,8 +46,8 @@ from slt_tools.trajectory import (
 __version__ = "0.1.0"
 
 #: submodules importable as attributes (``slt_tools.theory``), loaded on first access as numpy/scipy do
-_SUBMODULES = ("cli", "geometry", "logging", "losses", "models", "plots", "restrictions", "sampling", "stages",
-               "symmetry", "synthetic", "theory", "trajectory")
+_SUBMODULES = ("cli", "geometry", "logging", "losses", "models", "plots", "restrictions",
+               "sampling", "stages", "symmetry", "synthetic", "theory", "trajectory")
 
 
 def __getattr__(name: str) -> Any:
@@ -62,10 +63,9 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "Calibration", "CalibrationError", "CheckpointError", "DivergenceWarning", "LLCConfig", "LLCDiagnostics",
-    "LLCDivergenceError", "LLCResult", "LLCTracker", "LLCWarning", "NegativeLLCWarning", "NotConvergedWarning",
-    "NotStationaryWarning", "SamplingFallbackWarning", "Stage", "StepSizeWarning", "Trajectory", "WandbLogger",
-    "calibrate_llc",
-    "combine_results", "detect_stages", "estimate_llc", "llc_trajectory", "log_schedule", "sample_llc",
-    "save_checkpoint",
+    "Calibration", "CalibrationError", "CheckpointError", "DivergenceWarning", "EssentialDynamics", "LLCConfig",
+    "LLCDiagnostics", "LLCDivergenceError", "LLCResult", "LLCTracker", "LLCWarning", "NegativeLLCWarning",
+    "NotConvergedWarning", "NotStationaryWarning", "SamplingFallbackWarning", "Stage", "StageList", "StepSizeWarning",
+    "Trajectory", "WandbLogger", "calibrate_llc", "combine_results", "detect_stages", "essential_dynamics",
+    "estimate_llc", "llc_trajectory", "log_schedule", "sample_llc", "save_checkpoint",
 ]

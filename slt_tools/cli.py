@@ -121,18 +121,22 @@ def stages(store: Path, plot_path: Path | None, as_json: bool, use_wandb: bool) 
     import slt_tools as slt
 
     traj = slt.Trajectory.from_store(store)
-    found = slt.detect_stages(traj)
+    found = slt.detect_stages(traj)  # flagged estimates (λ̂ < 0, diverged, not converged) are left out
     if as_json:
-        click.echo(json.dumps([s.to_dict() for s in found], indent=2))
+        click.echo(json.dumps(found.to_dict(), indent=2))
     else:
-        click.echo(f"{'start':>10} {'end':>10}  type  {'Δλ̂':>9} {'Δloss':>10}  confidence")
+        click.echo(f"{'start':>10} {'end':>10}  type  {'Δλ̂':>9} {'Δloss':>10}  P(type)  boundary interval, P(exists)")
         for s in found:
+            b = "" if s.start_interval is None else (f"[{s.start_interval[0]:g}, {s.start_interval[1]:g}], "
+                                                     f"{s.start_probability:.2f}")
             click.echo(f"{s.start:>10g} {s.end:>10g}  {s.kind:<4}  {s.delta_llc:>+9.3g} {s.delta_loss:>+10.3g}  "
-                       f"{s.confidence:.2f}")
+                       f"{s.confidence:>7.2f}  {b}")
+        for e in found.excluded:
+            click.echo(f"excluded step {e['step']:g}: {e['reason']}")
     if plot_path is not None:
         from slt_tools.plots import plot_stages
 
-        plot_stages(traj.steps, traj.llc_mean, llc_std=traj.llc_std, loss=traj.loss, stages=found, path=plot_path)
+        plot_stages(traj.steps, traj.llc_mean, traj.loss, traj.llc_std, stages=found, path=plot_path)
         click.echo(f"figure -> {plot_path}")
     logger = _logger(use_wandb, {"store": str(store)})
     if logger is not None:

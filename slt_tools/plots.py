@@ -80,22 +80,66 @@ def _llc_and_loss(ax: Any, steps: np.ndarray, llc: np.ndarray, llc_std: np.ndarr
     return ax2
 
 
-def plot_stages(steps: Any, llc: Any, llc_std: Any = None, loss: Any = None, stages: Sequence[Any] | None = None,
-                ax: Any = None, path: str | Path | None = None, title: str | None = None, details: Any = None) -> Any:
-    """LLC (± std band) and loss (twin axis) against training step on a log axis, stages shaded and labelled."""
+def plot_stages(steps: Any, llc: Any, loss: Any = None, llc_std: Any = None, stages: Sequence[Any] | None = None,
+                *, ax: Any = None, path: str | Path | None = None, title: str | None = None,
+                details: Any = None) -> Any:
+    """LLC (± std band) and loss (twin axis) against training step on a log axis, stages shaded and labelled.
+
+    Arguments in the order of :func:`slt_tools.detect_stages` (``steps, llc, loss, llc_std``). When ``stages`` comes
+    from ``detect_stages`` each boundary's interval is drawn as a bracket with its existence probability.
+    """
     plt = _plt()
     steps = np.asarray(steps, dtype=float)
     llc = np.asarray(llc, dtype=float)
     std = None if llc_std is None else np.asarray(llc_std, dtype=float)
     lo = None if loss is None else np.asarray(loss, dtype=float)
+    if lo is not None and len(lo) != len(steps):
+        lo = None  # a loss on its own step grid (e.g. per step) is not drawn against the checkpoints
     fig = ax.figure if ax is not None else plt.figure(figsize=(8, 4.2))
     ax = ax if ax is not None else fig.add_subplot(111)
     _llc_and_loss(ax, steps, llc, std, lo)
+    details = details if details is not None else getattr(stages, "details", None)
     if details is not None:
         ax.plot(details.grid_steps, details.llc_smooth, color="k", lw=1, alpha=0.7, label="smoothed (GP)")
     if stages:
         shade_stages(ax, stages)
+        for b in getattr(stages, "boundaries", []):
+            ax.annotate("", xy=(b.interval[0], 0.04), xytext=(b.interval[1], 0.04), xycoords=ax.get_xaxis_transform(),
+                        arrowprops={"arrowstyle": "|-|", "color": "0.25", "lw": 1.0, "shrinkA": 0, "shrinkB": 0})
+            ax.text(b.step, 0.07, f"p={b.probability:.2f}", transform=ax.get_xaxis_transform(), ha="center",
+                    fontsize=7, color="0.25")
     ax.set_title(title or "LLC over training" + (f" — {len(stages)} stages" if stages else ""))
+    fig.tight_layout()
+    _save(fig, path)
+    return fig
+
+
+def plot_essential_dynamics(ed: Any, stages: Sequence[Any] | None = None, *, ax: Any = None,
+                            path: str | Path | None = None, title: str | None = None) -> Any:
+    """PC1–PC2 trajectory of an :func:`slt_tools.essential_dynamics` result (smoothed curve, checkpoints as dots),
+    coloured by the stage each checkpoint falls in, milestones marked and labelled with their steps."""
+    plt = _plt()
+    fig = ax.figure if ax is not None else plt.figure(figsize=(5.6, 4.8))
+    ax = ax if ax is not None else fig.add_subplot(111)
+    pcs, sm, steps = np.asarray(ed.scores), np.asarray(ed.smoothed), np.asarray(ed.steps, dtype=float)
+    colours = np.array(["0.4"] * len(steps), dtype=object)
+    for s in stages or []:
+        colours[(steps >= s.start) & (steps <= s.end)] = STAGE_COLOURS.get(s.kind, "#bbbbbb")
+    ax.plot(sm[:, 0], sm[:, 1], color="0.6", lw=1.0, zorder=1, label="smoothed")
+    ax.scatter(pcs[:, 0], pcs[:, 1], c=list(colours), s=14, zorder=2, edgecolors="none")
+    for k, s in enumerate(stages or []):
+        ax.scatter([], [], color=STAGE_COLOURS.get(s.kind, "#bbbbbb"), s=14, label=f"stage {k + 1} ({s.kind})")
+    for m in ed.milestones:
+        i = int(np.argmin(np.abs(steps - m.step)))
+        ax.scatter([sm[i, 0]], [sm[i, 1]], marker="x", color="k", s=60, zorder=3)
+        ax.annotate(f"{m.step:.3g}", (sm[i, 0], sm[i, 1]), xytext=(4, 4), textcoords="offset points", fontsize=8)
+    ax.scatter([], [], marker="x", color="k", label="milestone (step)")
+    ev = ed.explained_variance_ratio
+    ax.set_xlabel(f"PC1 ({100 * ev[0]:.0f}% var.)")
+    ax.set_ylabel(f"PC2 ({100 * ev[1]:.0f}% var.)" if len(ev) > 1 else "PC2")
+    ax.set_title(title or "essential dynamics")
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3, lw=0.4)
     fig.tight_layout()
     _save(fig, path)
     return fig
@@ -104,7 +148,7 @@ def plot_stages(steps: Any, llc: Any, llc_std: Any = None, loss: Any = None, sta
 def plot_trajectory(traj: Any, stages: Sequence[Any] | None = None, path: str | Path | None = None,
                     title: str | None = None) -> Any:
     """The LLC trajectory of a ``Trajectory`` (mean ± std over chains) with the loss on a twin axis."""
-    return plot_stages(traj.steps, traj.llc_mean, llc_std=traj.llc_std, loss=traj.loss, stages=stages, path=path,
+    return plot_stages(traj.steps, traj.llc_mean, traj.loss, traj.llc_std, stages=stages, path=path,
                        title=title or f"LLC over training ({len(traj.steps)} checkpoints)")
 
 

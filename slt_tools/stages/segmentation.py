@@ -1,0 +1,189 @@
+"""Segmentation: stage boundaries of a smoothed LLC curve, each with an interval and an existence probability.
+
+A *move* is a maximal run of the grid where the posterior slope is significantly non-zero, |μ'(x)| > z·sd(μ'(x)),
+with one sign, and where μ changes by at least ``min_rel_change`` × range(μ). A run of the same sign is split at an
+interior minimum of |μ'| below ``plateau_slope`` × the smaller of the slope peaks on either side (two transitions
+in the same direction with a slowdown between them). Stages are the moves; a boundary lies between two consecutive
+moves — at the middle of the gap between them (the plateau, or the extremum of λ̂ when the directions differ), or at
+the split point. This is Hoogland et al.'s rule (arXiv 2402.02364: boundaries at critical points of the smoothed LLC,
+dλ̂/dlog t ≈ 0) made explicit for plateaus, where the critical point is any point of the plateau.
+
+Uncertainty. The *interval* of a boundary is the contiguous set of grid points between the two slope peaks whose
+slope is not significantly larger than the slope at the boundary (|μ'(x)| − z·sd ≤ |μ'(b)|). The *existence
+probability* is the posterior probability, over joint GP draws of λ at the stage edges and of λ' at the boundary and
+at the two peaks, that both neighbouring stages move in their directions by at least ``min_rel_change`` × range and,
+for two moves in the same direction, that the slope across the plateau between them (its mean over the gap, or the
+slope at a split point) is below ``plateau_slope`` × the smaller of the two moves' mean slopes.
+Boundaries below ``level`` are removed (least probable first, probabilities recomputed after each removal).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from slt_tools.stages._gp import GP
+
+
+@dataclass
+class Boundary:
+    """A stage boundary: the step, a plausible interval [lo, hi] of steps, and the probability that it exists."""
+
+    step: float
+    interval: tuple[float, float]
+    probability: float
+    same_direction: bool
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "interval": list(self.interval), "probability": self.probability,
+                "same_direction": self.same_direction}
+
+
+@dataclass
+class _Move:
+    i0: int
+    i1: int
+    sign: float
+    peak: int
+
+
+def _runs(a: np.ndarray, sd: np.ndarray, sign: np.ndarray, z: float) -> list[_Move]:
+    sig = a > z * sd
+    out, i, n = [], 0, len(a)
+    while i < n:
+        if not sig[i]:
+            i += 1
+            continue
+        j = i
+        while j + 1 < n and sig[j + 1] and sign[j + 1] == sign[i]:
+            j += 1
+        out.append(_Move(i, j, float(sign[i]), i + int(np.argmax(a[i: j + 1]))))
+        i = j + 1
+    return out
+
+
+def _split(m: _Move, a: np.ndarray, mu: np.ndarray, thr: float, ratio: float) -> list[_Move]:
+    """Split a same-sign move at its deepest interior slowdown (recursively)."""
+    best, best_r = None, ratio
+    for i in range(m.i0 + 1, m.i1):
+        if not (a[i] <= a[i - 1] and a[i] < a[i + 1]):
+            continue
+        left, right = a[m.i0: i].max(), a[i + 1: m.i1 + 1].max()
+        r = a[i] / max(min(left, right), 1e-300)
+        if r < best_r and abs(mu[i] - mu[m.i0]) >= thr and abs(mu[m.i1] - mu[i]) >= thr:
+            best, best_r = i, r
+    if best is None:
+        return [m]
+    lm = _Move(m.i0, best, m.sign, m.i0 + int(np.argmax(a[m.i0: best + 1])))
+    rm = _Move(best, m.i1, m.sign, best + int(np.argmax(a[best: m.i1 + 1])))
+    return _split(lm, a, mu, thr, ratio) + _split(rm, a, mu, thr, ratio)
+
+
+def find_moves(mu: np.ndarray, slope: np.ndarray, slope_sd: np.ndarray, *, z: float, min_rel_change: float,
+               plateau_slope: float) -> list[_Move]:
+    """Moves of the smoothed curve (see module docstring)."""
+    a = np.abs(slope)
+    thr = min_rel_change * float(np.ptp(mu))
+    runs = [m for m in _runs(a, slope_sd, np.sign(slope), z) if abs(mu[m.i1] - mu[m.i0]) >= thr]
+    merged: list[_Move] = []
+    for m in runs:  # same-sign runs with no slowdown between them are one move
+        if merged and merged[-1].sign == m.sign:
+            p = merged[-1]
+            gap = a[p.i1: m.i0 + 1].min()
+            if gap >= plateau_slope * min(a[p.peak], a[m.peak]):
+                merged[-1] = _Move(p.i0, m.i1, m.sign, p.peak if a[p.peak] >= a[m.peak] else m.peak)
+                continue
+        merged.append(m)
+    return [piece for m in merged for piece in _split(m, a, mu, thr, plateau_slope)]
+
+
+def _boundary_index(left: _Move, right: _Move, a: np.ndarray, sd: np.ndarray, tie_z: float = 1.0) -> int:
+    """Split point of touching moves; else the middle of the points of the gap whose slope is within ``tie_z``
+    posterior sds of zero (the critical point, where it is located; the plateau's middle, where it is not)."""
+    if left.i1 >= right.i0:
+        return left.i1
+    gap = np.arange(left.i1, right.i0 + 1)
+    tied = gap[a[gap] <= tie_z * sd[gap]]
+    if len(tied) == 0:
+        return int(gap[np.argmin(a[gap])])
+    return int((tied[0] + tied[-1]) // 2)
+
+
+def _merge(moves: list[_Move], k: int, mu: np.ndarray) -> list[_Move]:
+    """Remove the boundary between moves k and k+1."""
+    p, q = moves[k], moves[k + 1]
+    big = p if abs(mu[p.i1] - mu[p.i0]) >= abs(mu[q.i1] - mu[q.i0]) else q
+    return [*moves[:k], _Move(p.i0, q.i1, big.sign, big.peak), *moves[k + 2:]]
+
+
+def existence_probabilities(gp: GP, grid_x: np.ndarray, moves: list[_Move], a: np.ndarray, sd: np.ndarray, *,
+                            thr: float, plateau_slope: float, num_samples: int,
+                            rng: np.random.Generator) -> np.ndarray:
+    """Posterior probability of each boundary between consecutive moves (see module docstring)."""
+    if len(moves) < 2:
+        return np.array([])
+    nb = len(moves) - 1
+    b = [_boundary_index(moves[k], moves[k + 1], a, sd) for k in range(nb)]
+    edges = [0, *b, len(grid_x) - 1]
+    ends = [i for m in moves for i in (m.i0, m.i1)]
+    draws = gp.sample_joint(grid_x[[*edges, *ends]], grid_x[b], num_samples, rng)
+    f, fe, sb = draws[:, : len(edges)], draws[:, len(edges): len(edges) + len(ends)], np.abs(draws[:, -nb:])
+    width = np.array([max(grid_x[m.i1] - grid_x[m.i0], grid_x[1] - grid_x[0]) for m in moves])
+    avg = np.abs(fe[:, 1::2] - fe[:, 0::2]) / width  # mean |slope| over each move
+    probs = []
+    for k in range(nb):
+        dl, dr = f[:, k + 1] - f[:, k], f[:, k + 2] - f[:, k + 1]
+        ok = (moves[k].sign * dl >= thr) & (moves[k + 1].sign * dr >= thr)
+        if moves[k].sign == moves[k + 1].sign:
+            gap = grid_x[moves[k + 1].i0] - grid_x[moves[k].i1]
+            # slope across the plateau: its mean over the gap between the moves (or the point slope at a split)
+            s_gap = np.abs(fe[:, 2 * k + 2] - fe[:, 2 * k + 1]) / gap if gap > 2 * (grid_x[1] - grid_x[0]) else sb[:, k]
+            ok &= s_gap < plateau_slope * np.minimum(avg[:, k], avg[:, k + 1])
+        probs.append(float(ok.mean()))
+    return np.array(probs)
+
+
+def _interval(left: _Move, right: _Move, bi: int, a: np.ndarray, sd: np.ndarray, z: float) -> tuple[int, int]:
+    ok = a - z * sd <= a[bi]
+    lo = hi = bi
+    while lo - 1 > left.peak and ok[lo - 1]:
+        lo -= 1
+    while hi + 1 < right.peak and ok[hi + 1]:
+        hi += 1
+    return lo, hi
+
+
+def segment(gp: GP, grid_x: np.ndarray, grid_steps: np.ndarray, x: np.ndarray, *, z: float, min_rel_change: float,
+            plateau_slope: float, level: float, min_points: int, min_length: float, num_samples: int,
+            seed: int) -> tuple[list[Boundary], list[_Move]]:
+    """Boundaries (with intervals and existence probabilities ≥ ``level``) and the moves between them."""
+    mu, _, slope, slope_sd = gp.predict(grid_x)
+    a = np.abs(slope)
+    thr = min_rel_change * float(np.ptp(mu))
+    moves = find_moves(mu, slope, slope_sd, z=z, min_rel_change=min_rel_change, plateau_slope=plateau_slope)
+    span = float(grid_x[-1] - grid_x[0])
+    rng = np.random.default_rng(seed)
+    while len(moves) > 1:
+        b = [_boundary_index(moves[k], moves[k + 1], a, slope_sd) for k in range(len(moves) - 1)]
+        probs = existence_probabilities(gp, grid_x, moves, a, slope_sd, thr=thr, plateau_slope=plateau_slope,
+                                        num_samples=num_samples, rng=rng)
+        edges = [grid_x[0], *grid_x[b], grid_x[-1]]
+        short = [k for k in range(len(edges) - 1) if edges[k + 1] - edges[k] < min_length * span
+                 or int(((x >= edges[k]) & (x <= edges[k + 1])).sum()) < min_points]
+        if short:  # the weaker boundary of the first too-short stage goes
+            k = short[0]
+            cands = [j for j in (k - 1, k) if 0 <= j < len(b)]
+            moves = _merge(moves, min(cands, key=lambda j: probs[j]), mu)
+            continue
+        if probs.min() >= level:
+            break
+        moves = _merge(moves, int(np.argmin(probs)), mu)
+    if len(moves) < 2:
+        return [], moves
+    out = []
+    for k in range(len(moves) - 1):
+        bi = _boundary_index(moves[k], moves[k + 1], a, slope_sd)
+        lo, hi = _interval(moves[k], moves[k + 1], bi, a, slope_sd, z)
+        out.append(Boundary(float(grid_steps[bi]), (float(grid_steps[lo]), float(grid_steps[hi])), float(probs[k]),
+                            moves[k].sign == moves[k + 1].sign))
+    return out, moves
