@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -256,6 +258,153 @@ def phase_default(names: list[str], timeout: float, path: Path) -> None:
         print(name, json.dumps(row), flush=True)
 
 
+# ------------------------------------------------------------------------------------------------ gold references
+#: HMC settings per case (chains, warm-up, draws of the doubled run, K_max): sized to the 2-core machine's budget
+GOLD_SETTINGS: dict[str, dict[str, int]] = {
+    "default": dict(num_chains=8, num_warmup=300, num_draws=2000, num_leapfrog=16),
+    "big_n": dict(num_chains=8, num_warmup=200, num_draws=800, num_leapfrog=16),
+    "slow_model": dict(num_chains=4, num_warmup=150, num_draws=500, num_leapfrog=8),
+}
+
+
+#: cases without an HMC gold: full-data gradients of 10⁴ sequences × chains cost ~1 s per leapfrog step here
+NO_HMC = {"transformer_n10000"}
+
+
+def gold_settings(name: str) -> dict[str, int]:
+    if name.startswith(("cnn", "transformer")):
+        return GOLD_SETTINGS["slow_model"]
+    return GOLD_SETTINGS["big_n" if name.endswith("n10000") else "default"]
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def hmc_gold(case: Case, gamma: float, seed: int = 0) -> dict[str, Any]:
+    """HMC on the full-data posterior at nβ = n/log n and γ; the doubling check compares λ̂ over the first half of
+    the draws (exactly the run of half the length: same seed, same warm-up) with λ̂ over all of them."""
+    from slt_tools.sampling.mala import estimate_llc_mala
+
+    cfg = gold_settings(case.name)
+    res = estimate_llc_mala(case.model, case.loader(), case.loss_fn, localization=gamma, seed=seed, **cfg)
+    half = res.llc_trace[:, : cfg["num_draws"] // 2].mean(axis=1)
+    half_mean, half_sem = float(half.mean()), float(half.std(ddof=1) / math.sqrt(len(half)))
+    moved = abs(res.llc_mean - half_mean)
+    return {"method": "HMC (slt_tools.sampling.mala.estimate_llc_mala)", "value": res.llc_mean,
+            "sem": res.llc_sem, "sem_ess": res.llc_sem_ess, "std": res.llc_std,
+            "half_run_value": half_mean, "half_run_sem": half_sem, "doubling_moved": moved,
+            "doubling_ok": bool(moved <= max(res.llc_sem, res.llc_sem_ess)),
+            "acceptance": res.acceptance, "step_size": res.step_size, "r_hat": res.r_hat,
+            "ess_per_chain": res.ess_per_chain.tolist(), "geweke_max_abs_z": res.geweke_max_abs_z,
+            "nbeta": res.nbeta, "localization": gamma, "settings": res.settings, "wall_s": res.wall_time_s}
+
+
+def sgld_crosscheck(case: Case, gamma: float, lr: float, steps: int, seed: int = 1) -> dict[str, Any]:
+    """A long hand-set SGLD run (minibatch, the estimator under test) at a small step, same nβ and γ."""
+    import warnings
+
+    import slt_tools as slt
+
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = slt.estimate_llc(case.model, case.loader(), case.loss_fn, lr=lr, localization=gamma, num_chains=8,
+                               num_draws=steps, num_burnin_steps=steps // 4, seed=seed, on_divergence="exclude")
+    half = res.llc_trace[:, : steps // 2].mean(axis=1)
+    return {"method": "SGLD (slt.estimate_llc, hand-set)", "value": res.llc_mean, "sem": res.llc_sem,
+            "half_run_value": float(np.nanmean(half)), "lr": lr, "localization": gamma,
+            "nbeta": res.hyperparameters["nbeta"], "num_chains": 8, "num_draws": steps,
+            "num_burnin_steps": steps // 4, "seed": seed, "batch_size": case.batch_size,
+            "mala_acceptance": res.diagnostics.get("mala_acceptance"), "stationary": res.diagnostics["stationary"],
+            "wall_s": time.perf_counter() - t0}
+
+
+def phase_gold(names: list[str], default_store: dict[str, Any], path: Path) -> None:
+    """Gold reference per case at the γ the default path chose (1 if it recorded none)."""
+    for name in names:
+        case = build_cases()[name]()
+        dflt = default_store.get(name, {})
+        gamma = float(dflt.get("localization") or 1.0)
+        lr_small = float(dflt.get("lr") or 1e-4) / 3.0
+        row: dict[str, Any] = {"n": case.n, "d": case.d, "nbeta": case.n / math.log(case.n), "localization": gamma,
+                               "note": case.note, "commit": commit(), "gamma_source":
+                               "chosen by the default path" if dflt.get("localization") else "default γ = 1"}
+        if case.closed_form is not None:
+            row["closed_form"] = {"value": case.closed_form, "source": case.closed_form_source}
+        if name not in NO_HMC and (case.closed_form is None or name.endswith("n1000")):
+            row["hmc"] = hmc_gold(case, gamma)
+        steps = 4000 if name.startswith(("cnn", "transformer")) else 12000
+        row["sgld"] = sgld_crosscheck(case, gamma, lr_small, steps)
+        store = load(path)
+        store[name] = row
+        atomic_write(path, store)
+        shown = {k: v for k, v in row.items() if k in ("closed_form", "hmc", "sgld")}
+        print(name, json.dumps(shown, default=str)[:600], flush=True)
+
+
+def gold_of(g: dict[str, Any]) -> tuple[float | None, float | None, str]:
+    """The gold value a case is judged against: the exact finite-(nβ, γ) value from HMC where it was run (the
+    quantity every estimator at these settings targets), else the closed form, else the long SGLD run."""
+    if "hmc" in g:
+        return g["hmc"]["value"], g["hmc"]["sem"], "HMC"
+    if "closed_form" in g:
+        return g["closed_form"]["value"], 0.0, "closed form"
+    if "sgld" in g:
+        return g["sgld"]["value"], g["sgld"]["sem"], "long SGLD (no HMC)"
+    return None, None, "none"
+
+
+def table_row(name: str, dflt: dict[str, Any], g: dict[str, Any]) -> dict[str, Any]:
+    """One BEFORE-table row: the default path against the gold, with its verdict classified."""
+    value, sem, source = gold_of(g)
+    est = dflt.get("llc")
+    rel = (est - value) / value if est is not None and value else None
+    conv = dflt.get("converged")
+    if dflt.get("timed_out"):
+        verdict = "timed out"
+    elif rel is None:
+        verdict = "no estimate"
+    elif conv and abs(rel) > 0.10:
+        verdict = "MISS (converged, > 10 % off)"
+    elif not conv and abs(rel) <= 0.05:
+        verdict = "FALSE ALARM (not converged, within 5 %)"
+    else:
+        verdict = "correct" if conv else "not converged (flag justified or 5-10 % grey zone)"
+    closed = g.get("closed_form", {}).get("value")
+    return {"case": name, "n": g.get("n"), "d": g.get("d"), "localization": g.get("localization"),
+            "nbeta": g.get("nbeta"), "gold": value, "gold_sem": sem, "gold_source": source, "closed_form": closed,
+            "hmc_doubling_ok": g.get("hmc", {}).get("doubling_ok"), "sgld": g.get("sgld", {}).get("value"),
+            "sgld_sem": g.get("sgld", {}).get("sem"), "default_llc": est, "default_converged": conv,
+            "default_rel_error": rel,
+            "default_rel_error_vs_closed_form": (est - closed) / closed if est is not None and closed else None,
+            "default_wall_s": dflt.get("wall_s"), "default_timed_out": dflt.get("timed_out"),
+            "default_lr": dflt.get("lr"), "default_localization": dflt.get("localization"), "verdict": verdict}
+
+
+def phase_table(names: list[str], default_path: Path, gold_paths: list[Path], out: Path) -> None:
+    dflt = load(default_path)
+    gold: dict[str, Any] = {}
+    for gp in gold_paths:
+        gold.update(load(gp))
+    rows = [table_row(nm, dflt.get(nm, {}), gold.get(nm, {})) for nm in names]
+    errs = sorted(abs(r["default_rel_error"]) for r in rows if r["default_rel_error"] is not None)
+    summary = {"false_alarms": sum(r["verdict"].startswith("FALSE") for r in rows),
+               "misses": sum(r["verdict"].startswith("MISS") for r in rows),
+               "timed_out": sum(r["verdict"] == "timed out" for r in rows),
+               "median_abs_rel_error": float(np.median(errs)) if errs else None,
+               "max_abs_rel_error": max(errs) if errs else None, "num_cases": len(rows)}
+    atomic_write(out, {"rows": rows, "summary": summary, "default_path": dflt, "gold": gold, "commit": commit(),
+                       "written_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())})
+    for r in rows:
+        print(json.dumps(r, default=str))
+    print(json.dumps(summary))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker-default", default=None, help=argparse.SUPPRESS)
@@ -263,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
     p.add_argument("--default-timeout", type=float, default=240.0)
     p.add_argument("--out", type=Path, default=RESULTS / "llc_reference_suite.json")
+    p.add_argument("--gold-out", type=Path, default=None, help="gold store (default: <out>_gold.json)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.worker_default:
@@ -272,6 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     default_path = args.out.with_name(args.out.stem + "_default.json")
     if args.phase in ("default", "all"):
         phase_default(names, args.default_timeout, default_path)
+    gold_path = args.gold_out or args.out.with_name(args.out.stem + "_gold.json")
+    if args.phase in ("gold", "all"):
+        phase_gold(names, load(default_path), gold_path)
+    if args.phase in ("table", "all"):
+        extra = sorted(args.out.parent.glob(args.out.stem + "_gold*.json"))
+        phase_table(names, default_path, sorted({gold_path, *extra}), args.out)
     return 0
 
 
