@@ -285,12 +285,13 @@ def commit() -> str:
         return "unknown"
 
 
-def hmc_gold(case: Case, gamma: float, seed: int = 0) -> dict[str, Any]:
+def hmc_gold(key: str, case: Case, gamma: float, seed: int = 0, scale: int = 1) -> dict[str, Any]:
     """HMC on the full-data posterior at nβ = n/log n and γ; the doubling check compares λ̂ over the first half of
     the draws (exactly the run of half the length: same seed, same warm-up) with λ̂ over all of them."""
     from slt_tools.sampling.mala import estimate_llc_mala
 
-    cfg = gold_settings(case.name)
+    cfg = dict(gold_settings(key))
+    cfg["num_draws"] *= scale
     res = estimate_llc_mala(case.model, case.loader(), case.loss_fn, localization=gamma, seed=seed, **cfg)
     half = res.llc_trace[:, : cfg["num_draws"] // 2].mean(axis=1)
     half_mean, half_sem = float(half.mean()), float(half.std(ddof=1) / math.sqrt(len(half)))
@@ -324,22 +325,36 @@ def sgld_crosscheck(case: Case, gamma: float, lr: float, steps: int, seed: int =
             "wall_s": time.perf_counter() - t0}
 
 
-def phase_gold(names: list[str], default_store: dict[str, Any], path: Path) -> None:
-    """Gold reference per case at the γ the default path chose (1 if it recorded none)."""
+def sgld_steps(lr: float, gamma: float, long: bool, slow_model: bool) -> int:
+    """Long pass: diffusion time ε·steps ≥ 10/γ (the localising Gaussian's relaxation time is ~2/(γ)), capped;
+    short pass: a fixed length."""
+    if not long:
+        return 4000 if slow_model else 12000
+    return int(min(math.ceil(10.0 / (gamma * lr)), 60_000 if slow_model else 300_000))
+
+
+def phase_gold(names: list[str], default_store: dict[str, Any], path: Path, long: bool = False,
+               previous: dict[str, Any] | None = None) -> None:
+    """Gold reference per case at the γ the default path chose (1 if it recorded none). ``long``: an independent
+    HMC run (seed 1) of twice the draws and SGLD at the default path's own step for diffusion time ≥ 10/γ; the
+    earlier short pass (``previous``) is kept in the row as ``hmc_short`` / ``sgld_short``."""
     for name in names:
         case = build_cases()[name]()
         dflt = default_store.get(name, {})
         gamma = float(dflt.get("localization") or 1.0)
-        lr_small = float(dflt.get("lr") or 1e-4) / 3.0
+        lr_small = float(dflt.get("lr") or 1e-4) / (1.0 if long else 3.0)
+        slow = name.startswith(("cnn", "transformer"))
         row: dict[str, Any] = {"n": case.n, "d": case.d, "nbeta": case.n / math.log(case.n), "localization": gamma,
                                "note": case.note, "commit": commit(), "gamma_source":
                                "chosen by the default path" if dflt.get("localization") else "default γ = 1"}
         if case.closed_form is not None:
             row["closed_form"] = {"value": case.closed_form, "source": case.closed_form_source}
         if name not in NO_HMC and (case.closed_form is None or name.endswith("n1000")):
-            row["hmc"] = hmc_gold(case, gamma)
-        steps = 4000 if name.startswith(("cnn", "transformer")) else 12000
-        row["sgld"] = sgld_crosscheck(case, gamma, lr_small, steps)
+            row["hmc"] = hmc_gold(name, case, gamma, seed=1 if long else 0, scale=2 if long else 1)
+        row["sgld"] = sgld_crosscheck(case, gamma, lr_small, sgld_steps(lr_small, gamma, long, slow))
+        for key in ("hmc", "sgld"):
+            if long and key in (previous or {}).get(name, {}):
+                row[f"{key}_short"] = previous[name][key]
         store = load(path)
         store[name] = row
         atomic_write(path, store)
@@ -389,8 +404,9 @@ def table_row(name: str, dflt: dict[str, Any], g: dict[str, Any]) -> dict[str, A
 def phase_table(names: list[str], default_path: Path, gold_paths: list[Path], out: Path) -> None:
     dflt = load(default_path)
     gold: dict[str, Any] = {}
-    for gp in gold_paths:
-        gold.update(load(gp))
+    for gp in gold_paths:  # later stores add to (and for equal keys replace) earlier ones, key by key
+        for name, row in load(gp).items():
+            gold.setdefault(name, {}).update(row)
     rows = [table_row(nm, dflt.get(nm, {}), gold.get(nm, {})) for nm in names]
     errs = sorted(abs(r["default_rel_error"]) for r in rows if r["default_rel_error"] is not None)
     summary = {"false_alarms": sum(r["verdict"].startswith("FALSE") for r in rows),
@@ -400,19 +416,60 @@ def phase_table(names: list[str], default_path: Path, gold_paths: list[Path], ou
                "max_abs_rel_error": max(errs) if errs else None, "num_cases": len(rows)}
     atomic_write(out, {"rows": rows, "summary": summary, "default_path": dflt, "gold": gold, "commit": commit(),
                        "written_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())})
-    for r in rows:
-        print(json.dumps(r, default=str))
+    print(markdown_table(rows, gold))
     print(json.dumps(summary))
+
+
+def _fmt(v: Any, spec: str = ".3g") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def markdown_table(rows: list[dict[str, Any]], gold: dict[str, Any]) -> str:
+    """The BEFORE table as Markdown (gold ± SE and provenance, SGLD cross-check, default path, verdict)."""
+    head = ("| case | n | d | γ | nβ | gold ± SE (source) | closed form | SGLD long run | default path | rel. err. "
+            "| wall | verdict |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        g = gold.get(r["case"], {})
+        sg = g.get("sgld", {})
+        sgld = (f"{sg['value']:.2f} ± {sg['sem']:.2f} ({sg['num_draws']} steps, ε {sg['lr']:.2g})" if sg else "—")
+        gold_txt = "—" if r["gold"] is None else f"{r['gold']:.2f} ± {r['gold_sem']:.2f} ({r['gold_source']})"
+        dflt = "timed out" if r["default_timed_out"] else _fmt(r["default_llc"], ".2f")
+        rel = "—" if r["default_rel_error"] is None else f"{100 * r['default_rel_error']:+.1f} %"
+        lines.append(f"| {r['case']} | {r['n']} | {r['d']} | {_fmt(r['localization'], 'g')} | "
+                     f"{_fmt(r['nbeta'], '.0f')} | {gold_txt} | {_fmt(r['closed_form'], 'g')} | {sgld} | {dflt} | "
+                     f"{rel} | {_fmt(r['default_wall_s'], '.0f')} s | {r['verdict']} |")
+    return "\n".join(lines)
+
+
+def phase_stepcheck(names: list[str], default_store: dict[str, Any], path: Path) -> None:
+    """Step-size check of the long SGLD cross-check: SGLD at ε/3 (ε = the default path's step) for diffusion time
+    ≥ 10/γ (capped at 300k steps), and HMC where a case has only its closed form so far (finite-nβ target)."""
+    for name in names:
+        case = build_cases()[name]()
+        dflt = default_store.get(name, {})
+        gamma, lr = float(dflt.get("localization") or 1.0), float(dflt.get("lr") or 1e-4) / 3.0
+        row: dict[str, Any] = {}
+        if case.closed_form is not None and name.endswith("n10000"):
+            row["hmc"] = hmc_gold(name, case, gamma, seed=2, scale=2)
+        row["sgld_eps3"] = sgld_crosscheck(case, gamma, lr, sgld_steps(lr, gamma, True,
+                                                                      name.startswith(("cnn", "transformer"))))
+        store = load(path)
+        store[name] = row
+        atomic_write(path, store)
+        print(name, json.dumps(row, default=str)[:400], flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker-default", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--phase", default="all", choices=["default", "gold", "table", "all"])
+    p.add_argument("--phase", default="all", choices=["default", "gold", "stepcheck", "table", "all"])
     p.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
     p.add_argument("--default-timeout", type=float, default=240.0)
     p.add_argument("--out", type=Path, default=RESULTS / "llc_reference_suite.json")
     p.add_argument("--gold-out", type=Path, default=None, help="gold store (default: <out>_gold.json)")
+    p.add_argument("--long", action="store_true", help="gold phase: the long pass (independent, doubled HMC run; "
+                   "SGLD for diffusion time ≥ 10/γ); written to <out>_gold_long.json unless --gold-out")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.worker_default:
@@ -422,12 +479,20 @@ def main(argv: list[str] | None = None) -> int:
     default_path = args.out.with_name(args.out.stem + "_default.json")
     if args.phase in ("default", "all"):
         phase_default(names, args.default_timeout, default_path)
-    gold_path = args.gold_out or args.out.with_name(args.out.stem + "_gold.json")
+    gold_path = args.gold_out or args.out.with_name(args.out.stem + ("_gold_long.json" if args.long else "_gold.json"))
     if args.phase in ("gold", "all"):
-        phase_gold(names, load(default_path), gold_path)
+        previous = {}
+        for gp in sorted(args.out.parent.glob(args.out.stem + "_gold*.json")):
+            if "long" not in gp.name:
+                previous.update(load(gp))
+        phase_gold(names, load(default_path), gold_path, long=args.long, previous=previous)
+    if args.phase in ("stepcheck", "all"):
+        step_path = args.gold_out or args.out.with_name(args.out.stem + "_gold_step.json")
+        phase_stepcheck(names, load(default_path), step_path)
     if args.phase in ("table", "all"):
-        extra = sorted(args.out.parent.glob(args.out.stem + "_gold*.json"))
-        phase_table(names, default_path, sorted({gold_path, *extra}), args.out)
+        stores = sorted(args.out.parent.glob(args.out.stem + "_gold*.json"),
+                        key=lambda q: ("long" in q.name, "step" in q.name, q.name))
+        phase_table(names, default_path, stores, args.out)
     return 0
 
 
