@@ -29,3 +29,5 @@ def test_verdicts():
     assert suite.table_row("a", {"timed_out": True}, gold)["verdict"] == "timed out"
     closed = suite.table_row("a", {"llc": 9.0, "converged": True}, {"closed_form": {"value": 9.0}})
     assert closed["gold_source"] == "closed form" and closed["default_rel_error"] == 0.0
+    no_gold = suite.table_row("a", {"llc": 9.0, "converged": True}, {"sgld": {"value": 9.0, "sem": 0.1}})
+    assert no_gold["gold"] is None and no_gold["verdict"] == "no gold"
