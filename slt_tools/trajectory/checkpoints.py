@@ -179,7 +179,7 @@ def _paths(source: str | Path) -> list[Path]:
 
 
 def find_checkpoints(source: str | Path | Iterable[Any]) -> tuple[list[CheckpointRef], dict[str, str]]:
-    """(checkpoints sorted by step, {file: why it was unusable}) — per-file failures are collected, not raised.
+    """(checkpoints sorted by step, {file name: why it is unusable}) — per-file failures are collected, not raised.
 
     Set-level problems raise :class:`CheckpointError`: nothing matches, or two checkpoints share a step or an id.
     """
@@ -190,7 +190,7 @@ def find_checkpoints(source: str | Path | Iterable[Any]) -> tuple[list[Checkpoin
             try:
                 refs.append(_ref_from_path(Path(item)))
             except CheckpointError as exc:
-                failed[str(item)] = str(exc)
+                failed[Path(item).name] = str(exc)
         elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Mapping):
             step = parse_step(item[0], "a (step, state_dict) pair")
             refs.append(CheckpointRef(step=step, id=f"step-{step}", state_dict=item[1]))

@@ -181,7 +181,7 @@ def _lock_holder(fd: int) -> str:
         try:
             kind_at = parts.index("FLOCK")
             pid, dev = int(parts[kind_at + 3]), parts[kind_at + 4].split(":")
-            if (int(dev[0], 16), int(dev[1], 16), int(dev[2])) != want or pid == os.getpid():
+            if (int(dev[0], 16), int(dev[1], 16), int(dev[2])) != want:
                 continue
         except (ValueError, IndexError):
             continue
