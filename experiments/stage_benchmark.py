@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slt_tools.files import atomic_write
 from slt_tools.stages import Stage, _classify, _delta_loss, detect_stages
 from slt_tools.synthetic import make_synthetic_curves
 
@@ -112,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print("Hoogland et al. LM:", [(round(s["start"]), s["kind"]) for s in
                                        result["hoogland2024_lm"]["min_lengthscale=0.04"]])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(args.out)
+    atomic_write(args.out, json.dumps(result, indent=2))
     return 0
 
 
