@@ -530,3 +530,22 @@ def test_files_module_is_importable_without_the_package():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.current_umask() == files.current_umask()
+
+
+def test_torchrun_ranks_stop_together_when_the_store_is_locked(ckpts, tmp_path):
+    """Rank 0 cannot take the store's lock: every rank exits with the error instead of waiting in a collective."""
+    path = tmp_path / "d.jsonl"
+    ResultsStore(path, {"x": 1}).close()
+    holder = subprocess.Popen([sys.executable, "-c", LOCKER, str(path)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        torchrun = Path(sys.executable).parent / "torchrun"
+        proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(FIX), str(ckpts), str(path),
+                               "2"], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                              timeout=150)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode != 0
+    assert f"in use by process {holder.pid}" in proc.stderr
+    assert "rank 0 could not open the results store" in proc.stderr  # rank 1 was told, not left waiting
