@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 import slt_tools as slt
+from slt_tools.files import atomic_write
 from slt_tools.models import DeepLinearNetwork, Transformer, TransformerConfig
 from slt_tools.theory import dln_jacobian_rank_llc, dln_learning_coefficient
 
@@ -275,9 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     errs = [abs(r["rel_error"]) for r in result["accuracy"]]
     result["accuracy_median_abs_rel_error"] = float(np.median(errs)) if errs else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(args.out)
+    atomic_write(args.out, json.dumps(result, indent=2))
     print(f"import slt_tools: {result['import_time_s']:.2f} s; median |rel. error| on the DLN suite: "
           f"{result['accuracy_median_abs_rel_error']}")
     return 0

@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(50):
         tp.write_checkpoints(ckpts, num=1, seed=i)
         src = sorted(ckpts.glob("step_*.safetensors"))[-1]
-        src.rename(ckpts / f"ckpt_{i:03d}.safetensors.tmp")
-    for f in ckpts.glob("*.tmp"):
-        f.rename(f.with_suffix(""))
+        # each is one epoch (step 8) from another seed; distinct steps, as a sweep refuses two checkpoints at one step
+        slt.save_checkpoint(ckpts / f"ckpt_{i:03d}.safetensors", slt.trajectory.read_checkpoint(src)[0], step=i + 1)
+        src.unlink()
     sweep(ckpts, None)  # warm-up (imports, allocator, caches)
     runs_without, runs_with, store_s = [], [], []
     for i in range(3):  # interleaved, so drifting machine load hits both alike

@@ -35,6 +35,7 @@ import numpy as np
 import ruptures.metrics
 
 from slt_tools import detect_stages
+from slt_tools.files import atomic_write
 
 warnings.simplefilter("ignore")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hoogland2024_lm"
@@ -282,9 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             print("Hoogland et al. LM", label, [(round(s["start"]), s["kind"]) for s in
                                                  result["hoogland2024_lm"][label]["stages"]])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(args.out)
+    atomic_write(args.out, json.dumps(result, indent=2))
     return 0
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 import slt_tools as slt
+from slt_tools.files import atomic_write
 
 
 def log_spaced_steps(first: int, last: int, num: int) -> list[int]:
@@ -20,18 +21,16 @@ def log_spaced_steps(first: int, last: int, num: int) -> list[int]:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(obj, indent=2))
 
 
 def write_rows_atomic(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    def write(f: Any) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(path)
+
+    atomic_write(path, write, newline="")
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,28 @@ def _load_object(spec: str) -> Any:
     return getattr(module, name)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """Errors reach the user as one line on stderr and exit code 2, never as a traceback
+    (``SLT_TOOLS_TRACEBACK=1`` shows the traceback instead)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported as one line
+            if os.environ.get("SLT_TOOLS_TRACEBACK"):
+                raise
+            name = ctx.invoked_subcommand or ctx.info_name
+            if isinstance(exc, click.ClickException):
+                message = exc.format_message()
+            else:
+                message = str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
+            click.echo(f"slt-tools {name}: error: " + " ".join(message.split()), err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="slt_tools")
 def main() -> None:
     """slt-tools: local learning coefficients (LLC) over training, developmental stages, and plots.
@@ -70,7 +92,8 @@ def main() -> None:
 @click.option("--on-error", type=click.Choice(["skip", "raise"]), default="skip", show_default=True,
               help="what to do with an unreadable or mismatching checkpoint")
 @click.option("--compile/--no-compile", "use_compile", default=False, show_default=True,
-              help="torch.compile each SGLD step: a one-off compile, then 2-3x faster steps (worth it for sweeps)")
+              help="torch.compile each SGLD step: a one-off compile, then faster steps "
+                   "(measured in docs/benchmarks.md; worth it for sweeps)")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), default=None, help="also write a CSV")
 @click.option("--wandb/--no-wandb", "use_wandb", default=False, show_default=True,
               help="log to Weights & Biases (offline unless WANDB_MODE says otherwise)")
@@ -84,14 +107,21 @@ def llc(checkpoints: str, model_spec: str, data_spec: str, loss_spec: str, out: 
     out across the processes and rank 0 writes the results.
     """
     import slt_tools as slt
+    from slt_tools.files import resolve_target
+    from slt_tools.trajectory.arguments import check_int, check_llc_kwargs
 
+    llc_kwargs = dict(num_chains=num_chains, num_draws=num_draws, num_burnin_steps=num_burnin_steps, lr=lr,
+                      localization=localization, nbeta=nbeta, sampler=sampler, seed=seed, compile=use_compile)
+    # every check before anything is loaded, created or logged: a typo must not leave a store behind
+    check_llc_kwargs(llc_kwargs)
+    check_int("--chain-chunk-size", chain_chunk_size, 1, optional=True)
+    for path in (out, csv_path):
+        if path is not None:
+            resolve_target(path)
     model_factory, data_factory, loss_fn = (_load_object(s) for s in (model_spec, data_spec, loss_spec))
     logger = _logger(use_wandb, {"checkpoints": checkpoints, "model": model_spec})
     traj = slt.llc_trajectory(checkpoints, model_factory, data_factory(), loss_fn, results=out, on_error=on_error,
-                              chain_chunk_size=chain_chunk_size, logger=logger, num_chains=num_chains,
-                              num_draws=num_draws, num_burnin_steps=num_burnin_steps, lr=lr,
-                              localization=localization, nbeta=nbeta, sampler=sampler, seed=seed,
-                              compile=use_compile)
+                              chain_chunk_size=chain_chunk_size, logger=logger, **llc_kwargs)
     if csv_path is not None:
         traj.to_csv(csv_path)
     if logger is not None:

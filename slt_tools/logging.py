@@ -96,6 +96,13 @@ class WandbLogger:
             return self._disable(f"wandb.init failed ({type(exc).__name__}: {exc})")
         return self._run
 
+    def add_config(self, values: Mapping[str, Any]) -> None:
+        """Record settings in the run's config (before the run starts: passed to ``wandb.init``)."""
+        if self._run is None:
+            self.config.update(values)
+        else:
+            self._run.config.update(dict(values), allow_val_change=True)
+
     def _disable(self, why: str) -> None:
         self._disabled = True
         warnings.warn(f"W&B logging unavailable: {why}. Results and figures are still saved under {self.save_dir}.",

@@ -144,3 +144,16 @@ def test_users_explicit_steps_are_not_disturbed(wandb_env):
     assert [h["train/loss"] for h in history if "train/loss" in h] == pytest.approx([1.0, 0.5, 1 / 3, 0.25])
     assert [h.get("train/step") for h in history if "llc/mean" in h] == [1]
     assert [h["_step"] for h in history] == [0, 1, 2, 3]
+
+
+def test_tracker_run_config_holds_the_llc_settings(wandb_env):
+    """The tracker's W&B run used to get an empty config; it now records the estimates' settings."""
+    model = dln_at((4, 3, 4), 1, (1,))
+    logger = WandbLogger(save_dir=wandb_env / "figs")
+    slt.LLCTracker(teacher_loader(model, 500, 50, 4), mse, schedule=[1], logger=logger, num_chains=2,
+                   num_draws=10, lr=1e-4, localization=10.0)
+    logger.log_trajectory_point(1, _estimate())
+    logger.finish()
+    config = read_offline_run(_run_dir(wandb_env))["config"]
+    flat = {k.replace("/", "."): v for k, v in config.items()}
+    assert flat.get("llc.lr", config.get("llc", {}).get("lr") if isinstance(config.get("llc"), dict) else None) == 1e-4

@@ -200,7 +200,8 @@ def test_cli_end_to_end(ckpts, tmp_path):
     assert res.exit_code == 0, res.output
     assert len(slt.Trajectory.from_store(out)) == 4 and (tmp_path / "c.csv").exists()
     res = runner.invoke(cli, ["stages", str(out), "--json"])  # 4 checkpoints are too few: a clear error
-    assert res.exit_code != 0 and "at least 6 checkpoints" in str(res.exception)
+    assert res.exit_code == 2 and "at least 6 checkpoints" in res.output  # one line, no traceback
+    assert len(res.output.strip().splitlines()) == 1
     res = runner.invoke(cli, ["plot", str(out), "--out", str(tmp_path / "p.png")])
     assert res.exit_code == 0 and (tmp_path / "p.png").stat().st_size > 5000
     assert "Estimate the LLC" in runner.invoke(cli, ["llc", "--help"]).output

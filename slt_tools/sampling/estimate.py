@@ -39,7 +39,7 @@ from slt_tools.sampling.functional import (
     make_loss,
     select_parameters,
 )
-from slt_tools.sampling.result import LLCResult, SamplingFallbackWarning, summarize
+from slt_tools.sampling.result import CompileFallbackWarning, LLCResult, VmapFallbackWarning, summarize
 from slt_tools.sampling.samplers import Sampler
 from slt_tools.sampling.steps import BatchedLossGrad
 
@@ -154,10 +154,10 @@ def _report_paths(loss_grad: BatchedLossGrad, config: LLCConfig) -> None:
     """A run that lost its fast path says so (every run: it is a fact about this result)."""
     if not loss_grad.vectorized and config.vectorize:
         warnings.warn(f"model could not be vmapped over chains ({loss_grad.fallback_reason}); ran chains in a loop "
-                      "instead (slower, same result)", SamplingFallbackWarning, stacklevel=4)
+                      "instead (slower, same result)", VmapFallbackWarning, stacklevel=4)
     if config.compile and not loss_grad.compiled:
         warnings.warn(f"torch.compile failed ({loss_grad.compile_error}); ran eagerly instead (same result)",
-                      SamplingFallbackWarning, stacklevel=4)
+                      CompileFallbackWarning, stacklevel=4)
 
 
 def sample(problem: LLCProblem, config: LLCConfig, *, chain_ids: Sequence[int] | None = None,

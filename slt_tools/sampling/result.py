@@ -54,6 +54,14 @@ class SamplingFallbackWarning(LLCWarning):
     """A faster path could not be used (vmap, torch.compile, pinned step, graph rewrites); the result is unaffected."""
 
 
+class VmapFallbackWarning(SamplingFallbackWarning):
+    """The model could not be vmapped over chains; chains ran in a loop."""
+
+
+class CompileFallbackWarning(SamplingFallbackWarning):
+    """torch.compile failed; steps ran eagerly."""
+
+
 class LLCDivergenceError(RuntimeError):
     """Raised when SGMCMC chains diverge (NaN/inf or exploding loss) and the caller asked not to keep going."""
 
@@ -61,7 +69,7 @@ class LLCDivergenceError(RuntimeError):
 #: warning class name → the class, for reading grouped warnings back from a store
 WARNING_CLASSES: dict[str, type[LLCWarning]] = {c.__name__: c for c in (
     LLCWarning, DivergenceWarning, NegativeLLCWarning, NotStationaryWarning, NotConvergedWarning,
-    SamplingFallbackWarning, StepSizeWarning)}
+    SamplingFallbackWarning, StepSizeWarning, VmapFallbackWarning, CompileFallbackWarning)}
 
 #: MALA acceptance below which a run warns that ε is large enough to bias λ̂ (calibration demands 0.95)
 LOW_ACCEPTANCE = 0.9

@@ -6,12 +6,15 @@ a checkpoint's estimate does not depend on which other checkpoints are in the sw
 process ran which unit: under ``torchrun --nproc_per_node=N`` the units are dealt round-robin to the ranks, each round's
 results are gathered on every rank and rank 0 appends them to the store, and the combined result equals the
 single-process run with the same ``chain_chunk_size``.
+
+Every argument is checked before any file is touched; with ``on_error="skip"`` every per-checkpoint failure (an
+unreadable file, a step that cannot be told, non-finite weights, a model mismatch, an estimator error) is skipped and
+all of them are reported together at the end (``Trajectory.skipped``).
 """
 from __future__ import annotations
 
 import csv
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,23 +26,27 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slt_tools.sampling import LLCResult, combine_results, estimate_llc
-from slt_tools.trajectory.checkpoints import CheckpointError, CheckpointRef, discover_checkpoints, load_into
-from slt_tools.trajectory.store import ResultsStore
+from slt_tools.files import atomic_write
+from slt_tools.sampling import LLCConfig, LLCResult, combine_results, estimate_llc
+from slt_tools.trajectory.arguments import check_int, check_llc_kwargs, store_header
+from slt_tools.trajectory.checkpoints import CheckpointError, CheckpointRef, find_checkpoints, load_into
+from slt_tools.trajectory.store import ResultsStore, StoreError
+
+#: how a sweep's summary names each warning class (grouped by class, never by wording)
+WARNING_LABELS = {
+    "NegativeLLCWarning": "λ̂ < 0 (w* is not a local minimum)",
+    "NotStationaryWarning": "LLC trace not settled",
+    "DivergenceWarning": "some chains diverged (excluded)",
+    "NotConvergedWarning": "self-calibrated estimate did not converge",
+    "VmapFallbackWarning": "model not vmappable (chains looped)",
+    "CompileFallbackWarning": "torch.compile failed (ran eagerly)",
+    "StepSizeWarning": "MALA acceptance low (step-size bias)",
+}
 
 
-def _warning_kind(message: str) -> str:
-    """Short label for an estimator warning, to group them over a sweep."""
-    kinds = (("< 0: w* is not a local minimum", "λ̂ < 0 (w* is not a local minimum)"),
-             ("has not settled", "LLC trace not settled"),
-             ("chains diverged", "some chains diverged (excluded)"),
-             ("did not converge", "self-calibrated estimate did not converge"),
-             ("could not be vmapped", "model not vmappable (chains looped)"),
-             ("torch.compile failed", "torch.compile failed (ran eagerly)"))
-    for needle, label in kinds:
-        if needle in message:
-            return label
-    return message.split(";")[0][:80]
+def _warning_kind(category: str) -> str:
+    """Label of an estimator warning class, to group them over a sweep."""
+    return WARNING_LABELS.get(category, category)
 
 
 @dataclass
@@ -54,6 +61,7 @@ class Trajectory:
     results: list[LLCResult] = field(default_factory=list)
     checkpoint_ids: list[str] = field(default_factory=list)
     metrics: list[dict[str, float]] = field(default_factory=list)  # extra per-checkpoint statistics (``metrics=``)
+    skipped: dict[str, str] = field(default_factory=dict)  # checkpoint -> why it was skipped (``on_error="skip"``)
 
     @classmethod
     def from_results(cls, items: Sequence[tuple[int, str, LLCResult]],
@@ -69,9 +77,15 @@ class Trajectory:
 
     @classmethod
     def from_store(cls, path: str | Path) -> Trajectory:
-        """Rebuild a trajectory from a results store (only checkpoints whose every chain block is finished)."""
+        """Rebuild a trajectory from a results store (only checkpoints whose every chain block is finished).
+
+        Tolerates what an interrupted or repeated sweep leaves behind (see :mod:`slt_tools.trajectory.store`);
+        raises :class:`StoreError` naming the file for anything it cannot read unambiguously."""
         config, units = ResultsStore.read_units(path)
-        wanted = set(range(int(config["llc"]["num_chains"])))
+        try:
+            wanted = set(range(int(config["llc"]["num_chains"])))
+        except (KeyError, TypeError, ValueError):
+            raise StoreError(f"{path}: the store header has no llc.num_chains setting") from None
         by_ckpt: dict[str, list[dict]] = {}
         metrics: dict[str, dict[str, float]] = {}
         for u in units:
@@ -80,7 +94,11 @@ class Trajectory:
                 metrics[u["checkpoint"]] = u["metrics"]
         items = []
         for ckpt, us in by_ckpt.items():
-            if set().union(*(set(u["chains"]) for u in us)) == wanted:
+            chains = [c for u in us for c in u["chains"]]
+            if len(chains) != len(set(chains)):
+                raise StoreError(f"{path}: checkpoint {ckpt!r} has overlapping chain blocks "
+                                 f"{sorted(tuple(u['chains']) for u in us)}; the store mixes chunkings")
+            if set(chains) == wanted:
                 parts = [LLCResult.from_dict(u["result"]) for u in us]
                 items.append((us[0]["step"], ckpt, combine_results(parts, on_divergence="exclude", warn=False)))
         return cls.from_results(items, metrics)
@@ -101,14 +119,13 @@ class Trajectory:
 
     def to_csv(self, path: str | Path) -> Path:
         """Write step, checkpoint, llc_mean, llc_std, llc_sem, loss as CSV (atomically)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", newline="") as f:
+        def write(f: Any) -> None:
             writer = csv.DictWriter(f, fieldnames=["step", "checkpoint", "llc_mean", "llc_std", "llc_sem", "loss"])
             writer.writeheader()
             writer.writerows(self.rows())
-        os.replace(tmp, path)
+
+        path = Path(path)
+        atomic_write(path, write, newline="")
         return path
 
 
@@ -131,6 +148,198 @@ def _default_device(world: int) -> torch.device | None:
     return None
 
 
+
+def _broadcast(obj: Any, world: int) -> Any:
+    """``obj`` from rank 0 on every rank (no-op in a single process)."""
+    if world == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _open_store(results: str | Path | None, config: dict[str, Any], rank: int,
+                world: int) -> tuple[ResultsStore | None, set[tuple[str, tuple[int, ...]]]]:
+    """Rank 0 opens (and locks) the store; every rank learns the finished units — or raises rank 0's error."""
+    store, error = None, None
+    if results is not None and rank == 0:
+        try:
+            store = ResultsStore(results, config)
+        except (OSError, ValueError) as exc:
+            error = exc
+    status = _broadcast(("error", f"{type(error).__name__}: {error}") if error is not None
+                        else ("ok", None if store is None else sorted(store.units)), world)
+    if error is not None:
+        raise error
+    if status[0] == "error":
+        raise StoreError(f"rank 0 could not open the results store: {status[1]}")
+    return store, {(c, tuple(ch)) for c, ch in (status[1] or [])}
+
+
+def _nonfinite(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+@dataclass
+class _Sweep:
+    """The state of one sweep: what is finished, what failed, the warnings gathered (see :func:`llc_trajectory`)."""
+
+    refs: list[CheckpointRef]
+    blocks: list[tuple[int, ...]]
+    model_factory: Callable[[], nn.Module]
+    loader: Any
+    loss_fn: Callable[[Any, Any], torch.Tensor]
+    llc_kwargs: dict[str, Any]
+    on_error: str
+    metrics_fn: Callable[[nn.Module], dict[str, float]] | None
+    logger: Any
+    progress: bool
+    rank: int
+    world: int
+    store: ResultsStore | None
+    failed: dict[str, str] = field(default_factory=dict)
+    finished: dict[str, list[LLCResult]] = field(default_factory=dict)
+    extra_by_id: dict[str, dict[str, float]] = field(default_factory=dict)
+    notes_by_step: dict[int, list[str]] = field(default_factory=dict)
+    bar: Any = None
+
+    def note(self, step: int, category: str) -> None:
+        kinds, kind = self.notes_by_step.setdefault(step, []), _warning_kind(category)
+        if kind not in kinds:
+            kinds.append(kind)
+
+    def run_unit(self, ref: CheckpointRef, block: tuple[int, ...]) -> dict[str, Any]:
+        """One unit's result dict, or {"error": why} (skip) / {"fatal": why} (raise, under torchrun)."""
+        source = str(ref.path or ref.id)
+        try:
+            model = self.model_factory()
+            state_dict = ref.load()
+            bad = _nonfinite(state_dict)
+            if bad:
+                raise CheckpointError(f"{source}: non-finite weights (NaN or inf) in {bad[:5]}")
+            load_into(model, state_dict, source)
+            kw = {**self.llc_kwargs, "progress": False}
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                res = estimate_llc(model, self.loader, self.loss_fn, chain_ids=list(block), **kw)
+            out = res.to_dict()
+            out["_warnings"] = [w.category.__name__ for w in caught if issubclass(w.category, RuntimeWarning)]
+            if self.metrics_fn is not None and block[0] == 0:
+                out["metrics"] = {k: float(v) for k, v in self.metrics_fn(model).items()}
+            return out
+        except Exception as exc:  # noqa: BLE001 - every per-checkpoint failure is skippable
+            if self.on_error == "raise" and self.world == 1:
+                raise
+            why = str(exc) if isinstance(exc, CheckpointError) else f"{source}: {type(exc).__name__}: {exc}"
+            return {"fatal" if self.on_error == "raise" else "error": why}
+
+    def fail(self, cid: str, why: str) -> None:
+        if cid not in self.failed:
+            self.failed[cid] = why
+            if self.rank == 0:
+                self.bar.update(1)
+                if self.progress:
+                    tqdm.write(f"skipping checkpoint: {why}")
+
+    def record(self, ref: CheckpointRef, block: tuple[int, ...], d: dict[str, Any]) -> None:
+        """Store one finished unit; when its checkpoint is complete, combine, print and log it."""
+        cid = ref.id
+        for category in d.pop("_warnings", []):
+            self.note(ref.step, category)
+        extra = d.pop("metrics", None)
+        if extra is not None:
+            self.extra_by_id[cid] = extra
+        if self.store is not None:
+            self.store.append(cid, ref.step, block, d, metrics=extra)
+        self.finished.setdefault(cid, []).append(LLCResult.from_dict(d))
+        if len(self.finished[cid]) != len(self.blocks):
+            return
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                res = self.combine(cid, warn=len(self.blocks) > 1)
+        except Exception as exc:  # noqa: BLE001 - e.g. every chain of this checkpoint diverged
+            if self.on_error == "raise":
+                raise
+            self.fail(cid, f"{ref.path or cid}: {type(exc).__name__}: {exc}")
+            return
+        for w in caught:
+            self.note(ref.step, w.category.__name__)
+        if self.rank == 0:
+            self.bar.update(1)
+            if self.progress:
+                flags = self.notes_by_step.get(ref.step)
+                tqdm.write(f"step {ref.step}: λ̂ = {res.llc_mean:.4g} ± {res.llc_std:.2g}  "
+                           f"(L_n(w*) = {res.init_loss:.4g})" + (f"  [{'; '.join(flags)}]" if flags else ""))
+            if self.logger is not None and hasattr(self.logger, "log_trajectory_point"):
+                self.logger.log_trajectory_point(ref.step, res, metrics=self.extra_by_id.get(cid))
+
+    def combine(self, cid: str, warn: bool = False) -> LLCResult:
+        return combine_results(self.finished[cid], on_divergence=self.llc_kwargs.get("on_divergence", "raise"),
+                               warn=warn)
+
+    def run(self, units: list[tuple[CheckpointRef, tuple[int, ...]]]) -> None:
+        """Deal the units round-robin to the ranks; gather each round; rank 0 appends; errors stop every rank."""
+        by_id = {r.id: r for r in self.refs}
+        for start in range(0, len(units), self.world):
+            mine = units[start + self.rank] if start + self.rank < len(units) else None
+            out = None if mine is None else self.run_unit(*mine)
+            entry = (None if mine is None else (mine[0].id, mine[1]), out)
+            gathered = [entry]
+            if self.world > 1:
+                gathered = [None] * self.world
+                torch.distributed.all_gather_object(gathered, entry)
+            fatal = [d["fatal"] for _, d in gathered if d is not None and "fatal" in d]
+            if fatal:
+                raise CheckpointError("; ".join(fatal))
+            error = None
+            if self.rank == 0:
+                try:
+                    self.absorb(gathered, by_id)
+                except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+                    error = exc
+            status = _broadcast(None if error is None else f"{type(error).__name__}: {error}", self.world)
+            if error is not None:
+                raise error
+            if status is not None:
+                raise StoreError(f"rank 0 stopped the sweep: {status}")
+            if self.rank != 0:
+                self.absorb(gathered, by_id)
+
+    def absorb(self, gathered: list[Any], by_id: dict[str, CheckpointRef]) -> None:
+        for key, d in gathered:
+            if key is None or d is None:
+                continue
+            cid, block = key
+            if "error" in d:
+                self.fail(cid, d["error"])
+            elif cid not in self.failed:
+                self.record(by_id[cid], block, dict(d))
+
+    def report(self, total: int) -> None:
+        """One warning per kind of estimator warning, and one listing every skipped checkpoint."""
+        if self.rank != 0:
+            return
+        by_kind: dict[str, list[int]] = {}
+        for step, kinds in sorted(self.notes_by_step.items()):
+            for kind in kinds:
+                by_kind.setdefault(kind, []).append(step)
+        for kind, steps in by_kind.items():
+            shown = ", ".join(map(str, steps[:12])) + (", …" if len(steps) > 12 else "")
+            warnings.warn(f"{kind} at {len(steps)} of {total} checkpoints (steps {shown}); see each result's "
+                          "diagnostics", RuntimeWarning, stacklevel=4)
+        if self.failed:
+            warnings.warn(f"skipping checkpoints: {len(self.failed)} of {total} could not be evaluated — "
+                          + "; ".join(self.failed.values()), RuntimeWarning, stacklevel=4)
+
+
+def _check_sweep_args(on_error: str, chain_chunk_size: int | None, llc_kwargs: dict[str, Any]) -> LLCConfig:
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    check_int("chain_chunk_size", chain_chunk_size, 1, optional=True)
+    return check_llc_kwargs(llc_kwargs, reserved=("chain_ids", "logger", "chain_chunk_size"))
+
+
 def llc_trajectory(
     checkpoints: str | Path | Iterable[Any],
     model_factory: Callable[[], nn.Module],
@@ -148,29 +357,28 @@ def llc_trajectory(
     """Estimate the LLC at every checkpoint; see the module docstring for resume and scale-out semantics.
 
     Args:
-        checkpoints: a directory, a glob, paths, or (step, state_dict) pairs.
+        checkpoints: a directory, a glob, paths, or (step, state_dict) pairs (steps: see
+            :mod:`slt_tools.trajectory.checkpoints`; two checkpoints with one step are an error).
         model_factory: builds an (untrained) model of the right architecture; each checkpoint is loaded into it.
-        results: optional JSONL results store; finished units are skipped on re-runs.
-        on_error: "skip" (report an unreadable or mismatching checkpoint and continue) or "raise".
+        results: optional JSONL results store; finished units are skipped on re-runs. Locked for the sweep's life.
+        on_error: "skip" (skip every checkpoint that cannot be evaluated and list them all in one warning at the end
+            and in ``Trajectory.skipped``) or "raise" (stop at the first).
         chain_chunk_size: chains per work unit (the unit of resumption and of sharding across ranks); with automatic
             calibration (lr or localization unset) every unit is a whole checkpoint, since the convergence checks need
             all its chains.
         logger: object with ``log_trajectory_point(step, result, metrics)`` (e.g. ``WandbLogger``), called on rank 0.
         metrics: optional ``model -> {name: value}`` evaluated once per checkpoint beside the LLC and stored with it,
             e.g. ``lambda m: slt_tools.geometry.hessian_summary(m, loader, loss_fn)`` for sharpness and trace.
-        **llc_kwargs: passed to :func:`slt_tools.estimate_llc` (num_chains, num_draws, lr, localization, seed, ...).
+        **llc_kwargs: passed to :func:`slt_tools.estimate_llc` (num_chains, num_draws, lr, localization, seed, ...);
+            checked before any file is touched.
     """
-    if on_error not in ("skip", "raise"):
-        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
-    for bad in ("chain_ids", "logger"):
-        if bad in llc_kwargs:
-            raise ValueError(f"{bad} is chosen by the sweep; do not pass it")
-    refs = discover_checkpoints(checkpoints)
-    num_chains = int(llc_kwargs.get("num_chains", 8))
-    if num_chains < 1:
-        raise ValueError(f"num_chains must be positive, got {num_chains}")
+    llc_config = _check_sweep_args(on_error, chain_chunk_size, llc_kwargs)
+    refs, failed = find_checkpoints(checkpoints)
+    if failed and on_error == "raise":
+        raise CheckpointError(next(iter(failed.values())))
+    num_chains = llc_config.num_chains
     chunk = int(chain_chunk_size or num_chains)
-    if llc_kwargs.get("lr") is None or llc_kwargs.get("localization") is None:
+    if llc_config.calibrated:
         # self-calibrated estimates decide convergence (extensions, overdispersed probe) on all chains together:
         # shard by checkpoint only
         chunk = num_chains
@@ -180,117 +388,49 @@ def llc_trajectory(
         dev = _default_device(world)
         if dev is not None:
             llc_kwargs["device"] = dev
-    config = {"llc": {**{k: v for k, v in llc_kwargs.items() if k not in ("progress", "device", "compile")},
-                      "num_chains": num_chains}, "chain_chunk_size": chunk}
-    store = ResultsStore(results, config) if (results is not None and rank == 0) else None
-    if world > 1:
-        obj = [None if store is None else sorted(store.units)]
-        torch.distributed.broadcast_object_list(obj, src=0)
-        done = {(c, tuple(ch)) for c, ch in obj[0]} if obj[0] is not None else set()
-    else:
-        done = set(store.units) if store is not None else set()
-    units = [(ref, block) for ref in refs for block in blocks if (ref.id, block) not in done]
-    finished: dict[str, list[LLCResult]] = {}
+    config = store_header(llc_config, chain_chunk_size=chunk)
+    store, done = _open_store(results, config, rank, world)
+    try:
+        sweep = _Sweep(refs, blocks, model_factory, loader, loss_fn, llc_kwargs, on_error, metrics, logger, progress,
+                       rank, world, store, failed=dict(failed))
+        return _run_sweep(sweep, done, len(refs) + len(failed))
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _run_sweep(sweep: _Sweep, done: set[tuple[str, tuple[int, ...]]], total: int) -> Trajectory:
+    refs, blocks, store = sweep.refs, sweep.blocks, sweep.store
+    ids = {r.id for r in refs}
     if store is not None:
         for (cid, _), rec in store.units.items():
-            finished.setdefault(cid, []).append(LLCResult.from_dict(rec["result"]))
-    failed: dict[str, str] = {}
-    extra_by_id: dict[str, dict[str, float]] = {}
-    if store is not None:
-        extra_by_id.update({cid: rec["metrics"] for (cid, _), rec in store.units.items() if rec.get("metrics")})
-    by_id = {r.id: r for r in refs}
-    bar = tqdm(total=len(refs), desc="LLC over checkpoints", unit="ckpt", disable=not progress or rank != 0)
-    bar.update(sum(1 for r in refs if len(finished.get(r.id, [])) == len(blocks)))
-
-    notes_by_step: dict[int, list[str]] = {}
-
-    def note(step: int, message: str) -> None:
-        kinds, kind = notes_by_step.setdefault(step, []), _warning_kind(message)
-        if kind not in kinds:
-            kinds.append(kind)
-
-    def run_unit(ref: CheckpointRef, block: tuple[int, ...]) -> dict | None:
-        try:
-            model = model_factory()
-            load_into(model, ref.load(), str(ref.path or ref.id))
-        except CheckpointError as exc:
-            if on_error == "raise":
-                raise
-            return {"error": str(exc)}
-        kw = {**llc_kwargs, "progress": False}
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            res = estimate_llc(model, loader, loss_fn, chain_ids=list(block), **kw)
-        out = res.to_dict()
-        out["_warnings"] = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-        if metrics is not None and block[0] == 0:
-            out["metrics"] = {k: float(v) for k, v in metrics(model).items()}
-        return out
-
-    for start in range(0, len(units), world):
-        mine = units[start + rank] if start + rank < len(units) else None
-        out = None if mine is None else run_unit(*mine)
-        gathered: list[Any]
-        if world > 1:
-            gathered = [None] * world
-            torch.distributed.all_gather_object(gathered, (None if mine is None else (mine[0].id, mine[1]), out))
-        else:
-            gathered = [(None if mine is None else (mine[0].id, mine[1]), out)]
-        for key, d in gathered:
-            if key is None or d is None:
-                continue
-            cid, block = key
-            ref = by_id[cid]
-            if "error" in d:
-                if cid not in failed:
-                    failed[cid] = d["error"]
-                    if rank == 0:
-                        warnings.warn(f"skipping checkpoint: {d['error']}", RuntimeWarning, stacklevel=2)
-                        bar.update(1)
-                continue
-            for msg in d.pop("_warnings", []):
-                note(ref.step, msg)
-            extra = d.pop("metrics", None)
-            if extra is not None:
-                extra_by_id[cid] = extra
-            if store is not None:
-                store.append(cid, ref.step, block, d, metrics=extra)
-            finished.setdefault(cid, []).append(LLCResult.from_dict(d))
-            if len(finished[cid]) == len(blocks):
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    res = combine_results(finished[cid], on_divergence=llc_kwargs.get("on_divergence", "raise"),
-                                          warn=len(blocks) > 1)
-                for w in caught:
-                    note(ref.step, str(w.message))
-                if rank == 0:
-                    bar.update(1)
-                    if progress:
-                        flags = notes_by_step.get(ref.step)
-                        tqdm.write(f"step {ref.step}: λ̂ = {res.llc_mean:.4g} ± {res.llc_std:.2g}  "
-                                   f"(L_n(w*) = {res.init_loss:.4g})" + (f"  [{'; '.join(flags)}]" if flags else ""))
-                    if logger is not None and hasattr(logger, "log_trajectory_point"):
-                        logger.log_trajectory_point(ref.step, res, metrics=extra_by_id.get(cid))
-    bar.close()
+            if cid in ids:
+                sweep.finished.setdefault(cid, []).append(LLCResult.from_dict(rec["result"]))
+                if rec.get("metrics"):
+                    sweep.extra_by_id[cid] = rec["metrics"]
+    units = [(ref, block) for ref in refs for block in blocks if (ref.id, block) not in done]
+    sweep.bar = tqdm(total=total, desc="LLC over checkpoints", unit="ckpt",
+                     disable=not sweep.progress or sweep.rank != 0)
+    sweep.bar.update(sum(1 for r in refs if len(sweep.finished.get(r.id, [])) == len(blocks)) + len(sweep.failed))
+    try:
+        sweep.run(units)
+    finally:
+        sweep.bar.close()
     if store is not None:
         store.sync()
-    if rank == 0 and notes_by_step:
-        # one warning per kind for the whole sweep, not one per checkpoint (details stay in each result's diagnostics)
-        by_kind: dict[str, list[int]] = {}
-        for step, kinds in sorted(notes_by_step.items()):
-            for kind in kinds:
-                by_kind.setdefault(kind, []).append(step)
-        for kind, steps in by_kind.items():
-            shown = ", ".join(map(str, steps[:12])) + (", …" if len(steps) > 12 else "")
-            warnings.warn(f"{kind} at {len(steps)} of {len(refs)} checkpoints (steps {shown}); see each result's "
-                          "diagnostics", RuntimeWarning, stacklevel=2)
+    sweep.report(total)
     items = []
     for ref in refs:
-        parts = finished.get(ref.id, [])
-        if ref.id in failed or len(parts) != len(blocks):
+        if ref.id in sweep.failed or len(sweep.finished.get(ref.id, [])) != len(blocks):
             continue
-        items.append((ref.step, ref.id, combine_results(parts, on_divergence=llc_kwargs.get("on_divergence", "raise"),
-                                                        warn=False)))
+        try:
+            items.append((ref.step, ref.id, sweep.combine(ref.id)))
+        except Exception as exc:  # noqa: BLE001 - a finished unit from an earlier run that cannot be combined
+            if sweep.on_error == "raise":
+                raise
+            sweep.failed[ref.id] = f"{ref.path or ref.id}: {type(exc).__name__}: {exc}"
     if not items:
-        raise CheckpointError("no checkpoint could be evaluated: " + "; ".join(failed.values()))
-    return Trajectory.from_results(items, extra_by_id)
+        raise CheckpointError("no checkpoint could be evaluated: " + "; ".join(sweep.failed.values()))
+    traj = Trajectory.from_results(items, sweep.extra_by_id)
+    traj.skipped = dict(sweep.failed)
+    return traj
