@@ -196,21 +196,13 @@ def hessian_summary(model: nn.Module, loader: Any, loss_fn: Callable, k: int = 5
     ``canonical=True`` evaluates in the canonical gauge of :func:`slt_tools.symmetry.canonicalize` (sharpness is not
     invariant under ReLU rescaling: a rescaled copy of the same function has a different Hessian)."""
     if canonical:
-        model = _canonical_copy(model)
+        from slt_tools.symmetry.canonical import canonical_copy
+
+        model = canonical_copy(model)
     op = HessianOperator(model, loader, loss_fn, **op_kwargs)
     spec = hessian_eigenvalues(model, loader, loss_fn, k=min(k, op.dim), op=op)
     tr = hessian_trace(model, loader, loss_fn, num_samples=trace_samples, op=op)
     out = {f"hessian/top_{i}": float(v) for i, v in enumerate(spec.top)}
     out.update({f"hessian/bottom_{i}": float(v) for i, v in enumerate(spec.bottom)})
     out.update({"hessian/trace": tr.trace, "hessian/trace_stderr": tr.stderr, "hessian/num_hvps": op.count})
-    return out
-
-
-def _canonical_copy(model: nn.Module) -> nn.Module:
-    import copy
-
-    from slt_tools.symmetry import canonicalize
-
-    out = copy.deepcopy(model)
-    out.load_state_dict(canonicalize(model))
     return out

@@ -44,9 +44,9 @@ def empirical_ntk(model: nn.Module, probe: torch.Tensor, trace_outputs: bool = F
     if not isinstance(probe, torch.Tensor) or probe.ndim < 1 or probe.shape[0] == 0:
         raise ValueError("probe must be a non-empty tensor of inputs with the batch dimension first")
     if canonical:
-        from slt_tools.geometry.hessian import _canonical_copy
+        from slt_tools.symmetry.canonical import canonical_copy
 
-        model = _canonical_copy(model)
+        model = canonical_copy(model)
     names = select_parameters(model, restrict_to)
     all_params = dict(model.named_parameters())
     params = {k: all_params[k].detach() for k in names}

@@ -50,7 +50,7 @@ StateDict = dict[str, torch.Tensor]
 _HEAD_KEYS = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V")
 
 
-def _state(model_or_sd: nn.Module | Mapping[str, torch.Tensor]) -> StateDict:
+def state_of(model_or_sd: nn.Module | Mapping[str, torch.Tensor]) -> StateDict:
     if isinstance(model_or_sd, nn.Module):
         return {k: v.detach().clone() for k, v in model_or_sd.state_dict().items()}
     if not isinstance(model_or_sd, Mapping):
@@ -254,7 +254,7 @@ def fix_gauges(model_or_sd: nn.Module | Mapping[str, torch.Tensor], spec: Symmet
     """Steps 1–3 of :func:`canonicalize` (scale, sign and within-head gauges) without sorting. Commutes with
     permutations (up to the documented ties), which is why :func:`align` matches gauge-fixed parameters."""
     spec = _resolve(model_or_sd, spec)
-    sd = _state(model_or_sd)
+    sd = state_of(model_or_sd)
     _check_spec(sd, spec)
     _fix_gauges_recorded(sd, spec)
     return sd
@@ -320,7 +320,7 @@ def align(reference: nn.Module | Mapping[str, torch.Tensor], other: nn.Module | 
     if frame not in ("reference", "canonical"):
         raise ValueError(f"frame must be 'reference' or 'canonical', got {frame!r}")
     spec = _resolve(reference if isinstance(reference, nn.Module) else other, spec)
-    a, b = _state(reference), fix_gauges(other, spec)
+    a, b = state_of(reference), fix_gauges(other, spec)
     _check_spec(a, spec)
     record = _fix_gauges_recorded(a, spec)
     if set(a) != set(b) or any(a[k].shape != b[k].shape for k in a):
@@ -379,3 +379,12 @@ def align(reference: nn.Module | Mapping[str, torch.Tensor], other: nn.Module | 
     if frame == "reference":
         _undo_gauges(out, record)
     return out, perms
+
+
+def canonical_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with its weights in canonical form (same function)."""
+    import copy
+
+    out = copy.deepcopy(model)
+    out.load_state_dict(canonicalize(model))
+    return out

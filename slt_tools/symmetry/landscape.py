@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from slt_tools.sampling.functional import model_loss
-from slt_tools.symmetry.canonical import _state, canonicalize
+from slt_tools.symmetry.canonical import canonicalize, state_of
 from slt_tools.symmetry.spec import SymmetrySpec
 
 
@@ -76,7 +76,7 @@ def interpolate(a: nn.Module | Mapping[str, torch.Tensor], b: nn.Module | Mappin
     template = model if model is not None else (a if isinstance(a, nn.Module) else b)
     if not isinstance(template, nn.Module):
         raise ValueError("pass model= when interpolating between state dicts")
-    sa, sb = _state(a), _state(b)
+    sa, sb = state_of(a), state_of(b)
     if set(sa) != set(sb) or any(sa[k].shape != sb[k].shape for k in sa):
         raise ValueError("the two networks have different parameter names or shapes")
     work = copy.deepcopy(template)
@@ -104,7 +104,7 @@ def parameter_distance(a: nn.Module | Mapping[str, torch.Tensor], b: nn.Module |
         spec = spec if spec is not None else _spec_of(a if isinstance(a, nn.Module) else b)
         sa, sb = canonicalize(a, spec), canonicalize(b, spec)
     else:
-        sa, sb = _state(a), _state(b)
+        sa, sb = state_of(a), state_of(b)
     if set(sa) != set(sb):
         raise ValueError("the two networks have different parameter names")
     sq = sum(((sa[k].double() - sb[k].double()) ** 2).sum() for k in sa if sa[k].is_floating_point())

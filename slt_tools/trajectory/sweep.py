@@ -189,7 +189,7 @@ class _Sweep:
     model_factory: Callable[[], nn.Module]
     loader: Any
     loss_fn: Callable[[Any, Any], torch.Tensor]
-    llc_kwargs: dict[str, Any]
+    llc_kwargs: dict[str, Any]  # run-time placement only (device); the settings are llc_config
     on_error: str
     metrics_fn: Callable[[nn.Module], dict[str, float]] | None
     logger: Any
@@ -202,6 +202,7 @@ class _Sweep:
     extra_by_id: dict[str, dict[str, float]] = field(default_factory=dict)
     notes_by_step: dict[int, list[str]] = field(default_factory=dict)
     bar: Any = None
+    llc_config: LLCConfig = field(default_factory=LLCConfig)
 
     def note(self, step: int, category: str) -> None:
         kinds, kind = self.notes_by_step.setdefault(step, []), _warning_kind(category)
@@ -218,10 +219,11 @@ class _Sweep:
             if bad:
                 raise CheckpointError(f"{source}: non-finite weights (NaN or inf) in {bad[:5]}")
             load_into(model, state_dict, source)
-            kw = {**self.llc_kwargs, "progress": False}
+            kw = {k: v for k, v in self.llc_kwargs.items() if k == "device"}
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                res = estimate_llc(model, self.loader, self.loss_fn, chain_ids=list(block), **kw)
+                res = estimate_llc(model, self.loader, self.loss_fn, self.llc_config, chain_ids=list(block),
+                                   progress=False, **kw)
             out = res.to_dict()
             out["_warnings"] = [w.category.__name__ for w in caught if issubclass(w.category, RuntimeWarning)]
             if self.metrics_fn is not None and block[0] == 0:
@@ -275,7 +277,7 @@ class _Sweep:
                 self.logger.log_trajectory_point(ref.step, res, metrics=self.extra_by_id.get(cid))
 
     def combine(self, cid: str, warn: bool = False) -> LLCResult:
-        return combine_results(self.finished[cid], on_divergence=self.llc_kwargs.get("on_divergence", "raise"),
+        return combine_results(self.finished[cid], on_divergence=self.llc_config.on_divergence,
                                warn=warn)
 
     def run(self, units: list[tuple[CheckpointRef, tuple[int, ...]]]) -> None:
@@ -392,7 +394,7 @@ def llc_trajectory(
     store, done = _open_store(results, config, rank, world)
     try:
         sweep = _Sweep(refs, blocks, model_factory, loader, loss_fn, llc_kwargs, on_error, metrics, logger, progress,
-                       rank, world, store, failed=dict(failed))
+                       rank, world, store, failed=dict(failed), llc_config=llc_config)
         return _run_sweep(sweep, done, len(refs) + len(failed))
     finally:
         if store is not None:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from slt_tools.sampling import LLCResult, estimate_llc
-from slt_tools.trajectory.arguments import check_llc_kwargs, store_header
+from slt_tools.trajectory.arguments import RUNTIME, check_llc_kwargs, store_header
 from slt_tools.trajectory.store import ResultsStore
 
 
@@ -85,7 +85,8 @@ class LLCTracker:
             self.store.check_alive()  # fail before the (costly) estimate, not after it
         snapshot = _snapshot(model, optimizer, self.loader)
         try:
-            result = estimate_llc(model, self.loader, self.loss_fn, **self.llc_kwargs)
+            runtime = {k: v for k, v in self.llc_kwargs.items() if k in RUNTIME}
+            result = estimate_llc(model, self.loader, self.loss_fn, self.llc_config, **runtime)
         finally:
             _restore(snapshot, model, optimizer)
         if self.store is not None:
