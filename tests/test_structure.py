@@ -388,3 +388,14 @@ def test_low_mala_acceptance_warns_with_advice_in_the_right_direction(small_prob
     messages = [str(w.message) for w in caught if issubclass(w.category, StepSizeWarning)]
     assert acc < 0.9 and messages and "smaller lr" in messages[0], (acc, messages)
     assert not any("or a larger lr" in str(w.message) for w in caught)
+
+
+def test_sum_reduced_loss_is_refused_and_mean_losses_pass(small_problem):
+    """A reduction='sum' loss used to be read as "w* is not a local minimum"."""
+    model, loader = small_problem
+    with pytest.raises(ValueError, match="sum-reduced"):
+        slt.estimate_llc(model, loader, lambda m, b: F.mse_loss(m(b[0]), b[1] + 0.1, reduction="sum"), num_chains=2,
+                         num_draws=10, lr=1e-4, localization=1.0)
+    for fn in (lambda m, b: F.mse_loss(m(b[0]), b[1] + 0.1),
+               lambda m, b: F.mse_loss(m(b[0]), b[1] + 0.1) + 0.01 * sum(p.pow(2).sum() for p in m.parameters())):
+        _quiet(model, loader, fn, num_chains=2, num_draws=10, lr=1e-4, localization=1.0)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from slt_tools.sampling.config import LLCConfig
 from slt_tools.sampling.data import BatchStream
@@ -67,6 +68,29 @@ def check_loss_fn(loss_fn: Any) -> None:
                          "batch[1])")
 
 
+def check_mean_reduced(loss_at: Any, theta0: torch.Tensor, batch: Any) -> None:
+    """λ̂ = nβ·(E[L] − L(w*)) needs a *mean* minibatch loss. A sum-reduced loss is additive over a split of the batch,
+    L_B = L_{B1} + L_{B2} (a mean loss satisfies L_B = (L_{B1} + L_{B2})/2 instead, for equal halves): detected on the
+    first batch and refused, before it is misread as "w* is not a local minimum". Batches whose tensor leaves do not
+    share a leading size of at least 4 are not checked."""
+    leaves, spec = tree_flatten(batch)
+    sizes = {x.shape[0] for x in leaves if isinstance(x, torch.Tensor) and x.ndim > 0}
+    if len(sizes) != 1 or next(iter(sizes)) < 4 or next(iter(sizes)) % 2:
+        return
+    half = next(iter(sizes)) // 2
+
+    def part(sl: slice) -> Any:
+        return tree_unflatten([x[sl] if isinstance(x, torch.Tensor) and x.ndim > 0 else x for x in leaves], spec)
+
+    with torch.no_grad():
+        whole, a, b = (float(loss_at(theta0, bt)) for bt in (batch, part(slice(0, half)), part(slice(half, None))))
+    scale = max(abs(whole), 1e-30)
+    if abs(whole) > 1e-12 and abs(whole - (a + b)) <= 1e-4 * scale and abs(whole - (a + b) / 2) > 1e-3 * scale:
+        raise ValueError(f"loss_fn looks sum-reduced: on the first batch L_B = {whole:.6g} equals the sum of its two "
+                         f"halves' losses ({a:.6g} + {b:.6g}); the LLC estimator needs the mean minibatch loss "
+                         "(reduction='mean', or divide by the batch size)")
+
+
 @dataclass
 class LLCProblem:
     """w*, the data and the loss, prepared once: flat layout of the moving parameters, cached minibatch stream,
@@ -99,6 +123,7 @@ class LLCProblem:
         if not isinstance(probe, torch.Tensor) or probe.ndim != 0 or not probe.is_floating_point():
             shape = tuple(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__
             raise ValueError(f"loss_fn must return a scalar floating-point tensor (a mean minibatch loss), got {shape}")
+        check_mean_reduced(loss_at, theta0, next(data.full_batches())[0])
         init_loss = full_data_loss(loss_at, theta0, data)
         if not math.isfinite(init_loss):
             raise ValueError(f"the loss at w* is not finite (L_n(w*) = {init_loss})")
