@@ -129,15 +129,32 @@ class Trajectory:
         return path
 
 
-def _dist() -> tuple[int, int]:
-    """(rank, world size); initialises torch.distributed from torchrun's environment when needed."""
+def _dist() -> tuple[int, int, bool]:
+    """(rank, world size, whether this call initialised torch.distributed from torchrun's environment)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or not torch.distributed.is_available():
-        return 0, 1
-    if not torch.distributed.is_initialized():
+        return 0, 1, False
+    owned = not torch.distributed.is_initialized()
+    if owned:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         torch.distributed.init_process_group(backend=backend)
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), owned
+
+
+def _close_dist(owned: bool, clean: bool) -> None:
+    """Tear down a process group this sweep created, so no communicator thread outlives the interpreter.
+
+    Without it a gloo rank can abort at exit ("terminate called without an active exception", SIGABRT) while its
+    peer is still draining the last collective; a group the caller created is left to the caller. The closing barrier
+    runs only after a clean finish (after an error a peer may already be gone, and waiting on it would hang).
+    """
+    if not owned or not torch.distributed.is_initialized():
+        return
+    try:
+        if clean:
+            torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def _default_device(world: int) -> torch.device | None:
@@ -385,20 +402,26 @@ def llc_trajectory(
         # shard by checkpoint only
         chunk = num_chains
     blocks = [tuple(range(i, min(i + chunk, num_chains))) for i in range(0, num_chains, chunk)]
-    rank, world = _dist()
-    if world > 1 and "device" not in llc_kwargs:
-        dev = _default_device(world)
-        if dev is not None:
-            llc_kwargs["device"] = dev
-    config = store_header(llc_config, chain_chunk_size=chunk)
-    store, done = _open_store(results, config, rank, world)
+    rank, world, owned = _dist()
+    clean = False
     try:
-        sweep = _Sweep(refs, blocks, model_factory, loader, loss_fn, llc_kwargs, on_error, metrics, logger, progress,
-                       rank, world, store, failed=dict(failed), llc_config=llc_config)
-        return _run_sweep(sweep, done, len(refs) + len(failed))
+        if world > 1 and "device" not in llc_kwargs:
+            dev = _default_device(world)
+            if dev is not None:
+                llc_kwargs["device"] = dev
+        config = store_header(llc_config, chain_chunk_size=chunk)
+        store, done = _open_store(results, config, rank, world)
+        try:
+            sweep = _Sweep(refs, blocks, model_factory, loader, loss_fn, llc_kwargs, on_error, metrics, logger,
+                           progress, rank, world, store, failed=dict(failed), llc_config=llc_config)
+            traj = _run_sweep(sweep, done, len(refs) + len(failed))
+            clean = True
+            return traj
+        finally:
+            if store is not None:
+                store.close()
     finally:
-        if store is not None:
-            store.close()
+        _close_dist(owned, clean)
 
 
 def _run_sweep(sweep: _Sweep, done: set[tuple[str, tuple[int, ...]]], total: int) -> Trajectory:
