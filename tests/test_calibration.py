@@ -1,4 +1,5 @@
 """Self-calibrating LLC estimation: no hand-set ε, γ; clear failures; the choice is recorded."""
+import math
 import warnings
 
 import pytest
@@ -86,3 +87,61 @@ def test_degenerate_point_is_flagged_not_answered():
     assert not probe["agrees"] and probe["llc_mean"] > res.llc_mean  # chains from outside stay above
     assert res.llc_mean < 6.5  # (the underestimate that must not pass as an answer)
 
+
+
+def test_relaxation_steps_is_the_ornstein_uhlenbeck_time():
+    """In a flat direction SGLD is x' = (1 − εγ/2)x + √ε ξ: after relaxation_steps(ε, γ) steps from x = 0 its variance
+    is within e⁻⁴ (+ O(εγ)) of the limit, and clearly short of it at a quarter of that."""
+    from slt_tools.sampling.auto import relaxation_steps
+
+    eps, gamma = 1e-3, 2.0
+    t = relaxation_steps(eps, gamma)
+    assert t == 2000
+    a = 1 - eps * gamma / 2
+    limit = eps / (1 - a * a)  # the stationary variance of the recursion (→ 1/γ as ε → 0)
+    var = lambda steps: eps * (1 - a ** (2 * steps)) / (1 - a * a)  # noqa: E731
+    assert abs(limit - 1 / gamma) < 1e-3 / gamma
+    assert 1 - var(t) / limit == pytest.approx(math.exp(-4), rel=0.01)
+    assert 1 - var(t // 4) / limit > 0.3
+
+
+def test_budget_stops_the_driver_and_says_so():
+    """A budget too small for the checks: the estimate is returned flagged, within the budget, saying why."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 4, bias=False)
+    with pytest.warns(slt.NotConvergedWarning, match="budget"):
+        res = slt.estimate_llc(model, teacher_loader(model, 20000, 200, 5), mse, num_chains=4, num_draws=500,
+                               seed=0, budget_steps=1200)
+    d = res.diagnostics
+    assert d.converged is False and d.budget["budget_steps"] == 1200
+    assert d.budget["steps_spent"] <= 1200  # a run that would not fit is shortened or not started
+    assert "budget" in d.extra["cut_short"]
+
+
+def test_rising_run_gets_the_relaxation_burnin_or_a_raised_gamma():
+    """The driver's decision after a failed run: a still-rising λ̂ gets burn-in ≥ 4/(εγ) if it fits the budget, else a
+    calibrated γ is raised ×10 (capped at nβ), else (user's γ) the plain doubled run; a non-rising one is doubled."""
+    from types import SimpleNamespace
+
+    from slt_tools.sampling import auto
+
+    def decide(trend_z, budget, may_raise=True, gamma=1.0):
+        cfg = slt.LLCConfig(lr=1e-3, localization=gamma, num_draws=500, num_burnin_steps=100, max_extensions=2)
+        res = SimpleNamespace(diagnostics=SimpleNamespace(trend_z=trend_z), llc_mean=10.0, llc_sem=0.1,
+                              hyperparameters={"nbeta": 50.0})
+        checks = auto._Checks(None, auto._Budget(budget, None), auto._Status(False, budget), history=[10.0],
+                              calibrated_gamma=gamma)
+        return auto._next_run(cfg, res, checks, may_raise), checks
+
+    nxt, _ = decide(3.0, 100_000)  # rising, room: burn-in 4/(εγ) = 4000
+    assert (nxt.localization, nxt.num_burnin_steps, nxt.num_draws) == (1.0, 4000, 1000)
+    nxt, checks = decide(3.0, 5_000)  # rising, no room at γ = 1: γ = 10 (burn-in 400 < 2b + draws = 700)
+    assert (nxt.localization, nxt.num_burnin_steps) == (10.0, 700) and checks.raises[0]["from"] == 1.0
+    nxt, checks = decide(3.0, 5_000, may_raise=False)  # the user's γ is kept
+    assert nxt.localization == 1.0 and nxt.num_burnin_steps == 700 and not checks.raises
+    nxt, _ = decide(0.0, 100_000)  # not rising: the plain doubled run
+    assert (nxt.localization, nxt.num_burnin_steps, nxt.num_draws) == (1.0, 700, 1000)
+    nxt, checks = decide(3.0, 5_000, gamma=40.0)  # a raise would pass nβ = 50: no raise
+    assert nxt.localization == 40.0 and not checks.raises
+    nxt, checks = decide(0.0, 2_000)  # nothing fits: stop, and say why
+    assert nxt is None and "budget" in checks.cut_short

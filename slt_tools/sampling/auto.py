@@ -18,6 +18,7 @@ Calibration and checks are on by default for self-calibrated runs and off for ha
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,12 +27,20 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from slt_tools.sampling.calibration import calibrate
 from slt_tools.sampling.config import LLCConfig
 from slt_tools.sampling.estimate import LLCProblem, model_mode, sample
 from slt_tools.sampling.functional import LossFn
-from slt_tools.sampling.result import Calibration, LLCDivergenceError, LLCResult, NotConvergedWarning, ProbeRecord
+from slt_tools.sampling.result import (
+    Calibration,
+    LLCDivergenceError,
+    LLCResult,
+    LocalizationRaisedWarning,
+    NotConvergedWarning,
+    ProbeRecord,
+)
 
 #: scale of the convergence probe's overdispersed start, in units of the localising Gaussian's std γ^{-1/2}.
 #: Measured (experiments/calibration_study.py): at 1 the start is so far out that relaxing back takes longer than the
@@ -69,15 +78,95 @@ def overdispersed_probe(problem: LLCProblem, main: LLCResult, config: LLCConfig)
                        res.diagnostics.num_diverged, res.diagnostics.start_distance)
 
 
+#: default budget of one self-calibrated estimate, in sequential SGLD steps (pilots + runs + probes): with
+#: the default 8 chains about 30 s on a 100-parameter MLP and 5 min on a 1k-parameter CNN on one CPU core.
+DEFAULT_BUDGET_STEPS = 30_000
+
+#: γ candidates the driver may raise the localization to (×10 each, as the calibration grid) ...
+RAISE_FACTOR = 10.0
+#: ... up to MAX_RAISE × the calibrated γ and never above nβ: a localization stiffer than the tempered loss's unit
+#: curvature would suppress every direction with Hessian eigenvalue h < γ/nβ ≥ 1, so λ̂ would say more about γ than
+#: about the model (on a rank-cut DLN (4,4,4,4) at n = 1e4 an uncapped raise to γ = 1000 "converged" at λ̂ = 2.7
+#: against Aoyagi's 6.5; capped, it is reported as not converged)
+MAX_RAISE = 100.0
+
+
+def relaxation_steps(lr: float, localization: float) -> int:
+    """SGLD steps the flat directions of the localised posterior need to relax from w*: ⌈4/(εγ)⌉.
+
+    Where the loss does not curve (symmetry orbits, degenerate valleys), SGLD is the Ornstein–Uhlenbeck recursion
+    x′ = (1 − εγ/2)·x + √ε·ξ started at 0, whose variance (1/γ)(1 − (1 − εγ/2)^{2t}) ≈ (1/γ)(1 − e^{−εγt}) misses
+    e^{−4} ≈ 2 % of its limit after t = 4/(εγ) steps; curved directions relax faster. Chains from w* that stop earlier
+    have not explored those directions, and where λ̂ depends on them (on most networks: moving along a symmetry orbit
+    changes the curvature of the other directions) it is still rising.
+    """
+    return int(math.ceil(4.0 / (lr * localization)))
+
+
+@dataclass
+class _Budget:
+    """Sequential SGLD steps and seconds left for one estimate (``LLCConfig.budget_steps`` / ``budget_seconds``)."""
+
+    steps: int
+    seconds: float | None
+    start: float = field(default_factory=time.perf_counter)
+    spent: int = 0
+    seconds_per_step: float = 0.0
+
+    def charge(self, steps: int, wall: float | None = None) -> None:
+        self.spent += int(steps)
+        if wall is not None and steps > 0:
+            self.seconds_per_step = max(self.seconds_per_step, wall / steps)
+
+    def allows(self, steps: int) -> bool:
+        """Whether ``steps`` more fit: in steps, and in time at the slowest step rate seen so far."""
+        if self.spent + steps > self.steps:
+            return False
+        if self.seconds is None:
+            return True
+        return time.perf_counter() - self.start + steps * self.seconds_per_step <= self.seconds
+
+    def record(self) -> dict[str, Any]:
+        return {"budget_steps": self.steps, "budget_seconds": self.seconds, "steps_spent": self.spent,
+                "wall_s": time.perf_counter() - self.start}
+
+
+class _Status:
+    """One progress line for the driver (tqdm; ``progress=None`` shows it only on a terminal)."""
+
+    def __init__(self, progress: bool | None, total: int) -> None:
+        self.bar = tqdm(total=total, desc="LLC", unit="step", leave=False,
+                        disable=None if progress is None else not progress,
+                        bar_format="{desc}: {n_fmt}/{total_fmt} steps of the budget [{elapsed}] {postfix}")
+
+    def say(self, what: str) -> None:
+        self.bar.set_postfix_str(what, refresh=True)
+
+    def advance(self, steps: int) -> None:
+        self.bar.update(min(steps, max(self.bar.total - self.bar.n, 0)))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _run_steps(config: LLCConfig) -> int:
+    return config.num_burnin_steps + config.num_draws * config.num_steps_bw_draws
+
+
 @dataclass
 class _Checks:
-    """What the driver has seen: λ̂ per run length, probe records, step-downs, the previous run's (λ̂, sem)."""
+    """What the driver has seen: λ̂ per run length, probe records, step-downs, γ raises, the previous run's (λ̂, sem)."""
 
     previous: tuple[float, float] | None
+    budget: _Budget
+    status: _Status
     history: list[float] = field(default_factory=list)
     probes: list[ProbeRecord] = field(default_factory=list)
     step_downs: list[dict[str, Any]] = field(default_factory=list)
+    raises: list[dict[str, Any]] = field(default_factory=list)
     extensions: int = 0
+    cut_short: str | None = None
+    calibrated_gamma: float = 1.0
 
     def settled(self, result: LLCResult, problem: LLCProblem, config: LLCConfig) -> bool:
         """Stationary, not moved by the longer run, and (if enabled) met by the overdispersed probe."""
@@ -87,7 +176,15 @@ class _Checks:
             gap = abs(result.llc_mean - self.previous[0])
             ok = ok and gap <= max(0.1 * abs(result.llc_mean), 3 * math.hypot(result.llc_sem, self.previous[1]))
         if config.probe_enabled:
+            steps = _run_steps(config)
+            if not self.budget.allows(steps):
+                self.cut_short = f"the overdispersed probe ({steps} steps) did not fit the budget"
+                return False
+            self.status.say(f"overdispersed probe, γ={config.localization:g}")
+            t0 = time.perf_counter()
             self.probes.append(overdispersed_probe(problem, result, config))
+            self.budget.charge(steps, time.perf_counter() - t0)
+            self.status.advance(steps)
             ok = ok and self.probes[-1].agrees
         return ok
 
@@ -96,15 +193,80 @@ def _run_with_step_down(problem: LLCProblem, config: LLCConfig, checks: _Checks,
                         chain_ids: Sequence[int] | None, progress: bool) -> tuple[LLCResult, LLCConfig]:
     """One run; on divergence of a calibrated ε, divide it by 3 and rerun (at most 3 times)."""
     while True:
+        checks.status.say(f"run: γ={config.localization:g}, ε={config.lr:.3g}, {_run_steps(config)} steps")
+        t0 = time.perf_counter()
         try:
-            return sample(problem, config, chain_ids=chain_ids, progress=progress), config
+            result = sample(problem, config, chain_ids=chain_ids, progress=bool(progress))
+            checks.budget.charge(_run_steps(config), time.perf_counter() - t0)
+            checks.status.advance(_run_steps(config))
+            return result, config
         except LLCDivergenceError as exc:
+            checks.budget.charge(_run_steps(config), time.perf_counter() - t0)
             # the pilots' few chains did not see it, the final run's many did: the step is too large for rare
             # excursions
             if not may_step_down or len(checks.step_downs) >= 3:
                 raise
             checks.step_downs.append({"lr": config.lr, "error": str(exc)})
             config = config.replace(lr=config.lr / 3.0)
+
+
+def _rising(result: LLCResult, checks: _Checks) -> bool:
+    """Whether λ̂ is still climbing: a significant upward trend over the trace's second half (z > 2), or a rise
+    over the previous, shorter run (not the calibration pilot, whose short burn-in makes it read low anyway) beyond
+    5 % and 3 standard errors."""
+    d = result.diagnostics
+    if d.trend_z is not None and math.isfinite(d.trend_z) and d.trend_z > 2.0:
+        return True
+    if checks.previous is None or len(checks.history) < 2:
+        return False
+    prev, prev_sem = checks.previous
+    rise = result.llc_mean - prev
+    return rise > max(0.05 * abs(result.llc_mean), 3 * math.hypot(result.llc_sem, prev_sem))
+
+
+def _next_run(config: LLCConfig, result: LLCResult, checks: _Checks, may_raise_gamma: bool) -> LLCConfig | None:
+    """The next attempt after a run that did not settle, or None (extensions spent or budget exhausted).
+
+    The run is doubled (draws ×2, burn-in 2b + draws). If λ̂ is still rising (:func:`_rising`: chains from w* relax
+    from below), the burn-in is at least the flat directions' relaxation time :func:`relaxation_steps`; when that
+    does not fit the budget (with room for the probe) and γ was calibrated
+    (not the user's), γ is raised ×10 until it fits (capped, :data:`MAX_RAISE`) — λ̂ of the localised posterior at
+    that γ is then affordable, and the record says which γ could not be relaxed and what it read there. Otherwise
+    the run is doubled as long as extensions and budget remain.
+    """
+    if checks.extensions >= config.extensions_allowed:
+        return None
+    fits = lambda cfg: checks.budget.allows(2 * _run_steps(cfg))  # noqa: E731 - the run and its probe
+    draws, burn = 2 * config.num_draws, 2 * config.num_burnin_steps + config.num_draws
+    doubled = config.replace(num_draws=draws, num_burnin_steps=burn)
+    relax = relaxation_steps(config.lr, config.localization)
+    if not _rising(result, checks) or burn >= relax:
+        # noise, not an unfinished relaxation from w*: a longer run is the remedy
+        if not fits(doubled):
+            checks.cut_short = f"a longer run ({_run_steps(doubled)} steps) did not fit the budget"
+            return None
+        return doubled
+    relaxed = config.replace(num_draws=draws, num_burnin_steps=max(burn, relax))
+    if fits(relaxed):
+        return relaxed
+    if may_raise_gamma and len(checks.raises) < 3:
+        cap = min(MAX_RAISE * checks.calibrated_gamma, float(result.hyperparameters["nbeta"]))
+        gamma = config.localization * RAISE_FACTOR
+        while not fits(doubled.replace(num_burnin_steps=max(burn, relaxation_steps(config.lr, gamma)))) \
+                and gamma < cap:
+            gamma *= RAISE_FACTOR
+        raised = doubled.replace(localization=gamma,
+                                 num_burnin_steps=max(burn, relaxation_steps(config.lr, gamma)))
+        if gamma <= cap and fits(raised):
+            checks.raises.append({"from": config.localization, "to": gamma, "llc_at_from": result.llc_mean,
+                                  "llc_sem_at_from": result.llc_sem, "relaxation_steps_at_from": relax,
+                                  "burnin_at_from": config.num_burnin_steps})
+            checks.previous = None  # another γ is another estimand: no run-length comparison across it
+            return raised
+    if not fits(doubled):
+        checks.cut_short = f"a longer run ({_run_steps(doubled)} steps) did not fit the budget"
+        return None
+    return doubled
 
 
 def _not_converged_message(result: LLCResult, checks: _Checks, pilot: list[Any], draws: int) -> str:
@@ -116,46 +278,87 @@ def _not_converged_message(result: LLCResult, checks: _Checks, pilot: list[Any],
         p = checks.probes[-1]
         reasons.append(f"chains started away from w* (w* + N(0, {PROBE_SPREAD ** 2:g}·γ⁻¹I)) settle at λ̂ = "
                        f"{p.llc_mean:.4g} against {result.llc_mean:.4g} from w* — {p.why}")
+    if checks.raises:
+        reasons.append("γ raised " + " → ".join(f"{r['from']:g}" for r in checks.raises)
+                       + f" → {checks.raises[-1]['to']:g} because the flat directions could not relax in the budget")
+    if checks.cut_short:
+        reasons.append(f"stopped: {checks.cut_short} (budget_steps={checks.budget.steps}, "
+                       f"budget_seconds={checks.budget.seconds})")
     return (f"LLC estimate did not converge after {checks.extensions} extension(s) to {draws} draws: "
             + "; ".join(reasons) + f". λ̂ = {result.llc_mean:.4g} is not a trustworthy answer "
             "(typical of highly degenerate points whose flat directions relax slowly)")
 
 
+def _fit_first_run(config: LLCConfig, checks: _Checks) -> LLCConfig:
+    """The first run, shortened (draws first, then burn-in, to at least 50 draws) if what calibration left of the
+    budget cannot hold it; the result is then marked cut short (it cannot pass the checks' probe either)."""
+    left = checks.budget.steps - checks.budget.spent
+    if _run_steps(config) <= left:
+        return config
+    bw = config.num_steps_bw_draws
+    draws = max(50, min(config.num_draws, (left - config.num_burnin_steps) // bw))
+    burn = max(0, min(config.num_burnin_steps, left - draws * bw))
+    checks.cut_short = (f"the budget left after calibration ({left} steps) holds only {burn} burn-in steps and "
+                        f"{draws} draws of the {_run_steps(config)}-step run")
+    return config.replace(num_draws=draws, num_burnin_steps=burn)
+
+
 def _checked_run(problem: LLCProblem, config: LLCConfig, calib: Calibration | None, may_step_down: bool,
-                 chain_ids: Sequence[int] | None, progress: bool) -> LLCResult:
-    """Run, check, and double the run until it settles or the extensions are spent; record it all.
+                 may_raise_gamma: bool, chain_ids: Sequence[int] | None, progress: bool | None,
+                 budget: _Budget, status: _Status) -> LLCResult:
+    """Run, check, and lengthen (or raise γ) until it settles or extensions/budget are spent; record it all.
     ``may_step_down``: ε was calibrated (not the user's), so a diverging run may retry at ε/3."""
     pilot = [c for c in calib.candidates if c.lr == calib.lr and c.llc_mean is not None] if calib else []
-    checks = _Checks((pilot[-1].llc_mean, pilot[-1].llc_sem or 0.0) if pilot else None)
+    checks = _Checks((pilot[-1].llc_mean, pilot[-1].llc_sem or 0.0) if pilot else None, budget, status,
+                     calibrated_gamma=float(config.localization))
+    config = _fit_first_run(config, checks)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         while True:
             result, config = _run_with_step_down(problem, config, checks, may_step_down, chain_ids, progress)
-            settled = checks.settled(result, problem, config)
-            if settled or checks.extensions >= config.extensions_allowed:
+            settled = checks.settled(result, problem, config) and not checks.cut_short
+            if settled or checks.cut_short:
+                break
+            nxt = _next_run(config, result, checks, may_raise_gamma)
+            if nxt is None:
                 break
             checks.extensions += 1
-            checks.previous = (result.llc_mean, result.llc_sem)
-            config = config.replace(num_draws=2 * config.num_draws,
-                                    num_burnin_steps=2 * config.num_burnin_steps + config.num_draws)
+            if nxt.localization == config.localization:
+                checks.previous = (result.llc_mean, result.llc_sem)
+            config = nxt
+    _record(result, checks, calib, settled, budget)
+    if not settled:
+        warnings.warn(_not_converged_message(result, checks, [c.to_dict() for c in pilot], config.num_draws),
+                      NotConvergedWarning, stacklevel=3)
+    elif checks.raises:
+        r = checks.raises[0]
+        warnings.warn(f"λ̂ = {result.llc_mean:.4g} is the localised posterior's at γ = {config.localization:g}, raised "
+                      f"from the calibrated γ = {r['from']:g}: there the flat directions need ≈ "
+                      f"{r['relaxation_steps_at_from']} steps to relax (more than the budget) and its chains from w* "
+                      f"read {r['llc_at_from']:.4g} while still rising. λ̂ decreases with γ; for a smaller γ set "
+                      "localization and a larger budget_steps", LocalizationRaisedWarning, stacklevel=3)
+    return result
+
+
+def _record(result: LLCResult, checks: _Checks, calib: Calibration | None, settled: bool, budget: _Budget) -> None:
     d = result.diagnostics
     d.update(calibration=calib, extensions=checks.extensions, converged=bool(settled),
-             llc_by_run_length=checks.history)
+             llc_by_run_length=checks.history, budget=budget.record())
     if checks.probes:
         d.update(overdispersed_probe=checks.probes[-1],
                  overdispersed_llc_by_run_length=[p.llc_mean for p in checks.probes])
     if checks.step_downs:
         d.update(lr_reduced_after_divergence=checks.step_downs)
+    if checks.raises:
+        d.update(localization_raised=checks.raises)
+    if checks.cut_short:
+        d.update(cut_short=checks.cut_short)
     result.hyperparameters["calibrated"] = calib is not None
-    if not settled:
-        warnings.warn(_not_converged_message(result, checks, [c.to_dict() for c in pilot], config.num_draws),
-                      NotConvergedWarning, stacklevel=3)
-    return result
 
 
 def estimate_llc(model: nn.Module, loader: Any, loss_fn: LossFn, config: LLCConfig | None = None, *,
                  chain_ids: Sequence[int] | None = None, device: str | torch.device | None = None,
-                 progress: bool = False, logger: Any = None, **settings: Any) -> LLCResult:
+                 progress: bool | None = None, logger: Any = None, **settings: Any) -> LLCResult:
     """Estimate the LLC λ̂(w*) of ``model`` at its current weights w* (math: :mod:`slt_tools.sampling.estimate`).
 
     Args:
@@ -177,7 +380,9 @@ def estimate_llc(model: nn.Module, loader: Any, loss_fn: LossFn, config: LLCConf
             the measured speed-up is in docs/benchmarks.md), ``max_extensions`` and ``convergence_probe`` (the
             driver's checks, module docstring).
         chain_ids: which chains of the run to compute (default ``range(num_chains)``) — for sharding chains.
-        device: where to sample (default: the model's device). progress: a tqdm bar over steps.
+        device: where to sample (default: the model's device). progress: True shows a tqdm bar over each run's steps
+            and the driver's status line; None (default) the status line only, and only on a terminal; False
+            nothing.
         logger: optional logger with ``log_llc(result)`` (e.g. :class:`slt_tools.WandbLogger`).
 
     ``lr`` or ``localization`` left unset are calibrated (:func:`slt_tools.calibrate_llc`) and the result is checked
@@ -192,17 +397,26 @@ def estimate_llc(model: nn.Module, loader: Any, loss_fn: LossFn, config: LLCConf
 
 
 def _estimate(model: nn.Module, loader: Any, loss_fn: LossFn, config: LLCConfig, chain_ids: Sequence[int] | None,
-              device: str | torch.device | None, progress: bool) -> LLCResult:
+              device: str | torch.device | None, progress: bool | None) -> LLCResult:
     """Prepare once, calibrate what is unset, then one plain run or the checked run."""
     problem = LLCProblem.build(model, loader, loss_fn, config.restrict_to, device)
-    calib, user_lr = None, config.lr
-    if config.calibrated:
-        calib = calibrate(problem, config)
-        # the checks stay on (as for every calibrated run) once ε and γ are filled in
-        config = config.replace(lr=calib.lr, localization=calib.localization,
-                                num_draws=max(config.num_draws, calib.num_draws),
-                                num_burnin_steps=max(config.num_burnin_steps, calib.num_burnin_steps),
-                                max_extensions=config.extensions_allowed, convergence_probe=config.probe_enabled)
-    if calib is not None or config.extensions_allowed > 0 or config.probe_enabled:
-        return _checked_run(problem, config, calib, calib is not None and user_lr is None, chain_ids, progress)
-    return sample(problem, config, chain_ids=chain_ids, progress=progress)
+    if not (config.calibrated or config.extensions_allowed > 0 or config.probe_enabled):
+        return sample(problem, config, chain_ids=chain_ids, progress=bool(progress))
+    budget = _Budget(config.budget_steps or DEFAULT_BUDGET_STEPS, config.budget_seconds)
+    status = _Status(progress if config.calibrated else bool(progress), budget.steps)
+    try:
+        calib, user_lr, user_gamma = None, config.lr, config.localization
+        if config.calibrated:
+            status.say("calibrating ε and γ on pilot chains")
+            calib = calibrate(problem, config, max_steps=budget.steps // 2)
+            budget.charge(calib.sgld_steps, calib.wall_time_s)
+            status.advance(calib.sgld_steps)
+            # the checks stay on (as for every calibrated run) once ε and γ are filled in
+            config = config.replace(lr=calib.lr, localization=calib.localization,
+                                    num_draws=max(config.num_draws, calib.num_draws),
+                                    num_burnin_steps=max(config.num_burnin_steps, calib.num_burnin_steps),
+                                    max_extensions=config.extensions_allowed, convergence_probe=config.probe_enabled)
+        return _checked_run(problem, config, calib, calib is not None and user_lr is None,
+                            calib is not None and user_gamma is None, chain_ids, progress, budget, status)
+    finally:
+        status.close()

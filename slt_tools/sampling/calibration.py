@@ -148,9 +148,10 @@ def _plateau_check(pilots: _Pilots, res: LLCResult, eps: float, smaller: float, 
     return eps, res, reason + f"; λ̂ agrees with ε/{s.step:g} within {tol:.3g} (small-ε plateau)"
 
 
-def calibrate(problem: LLCProblem, config: LLCConfig, settings: CalibrationSettings | None = None) -> Calibration:
+def calibrate(problem: LLCProblem, config: LLCConfig, settings: CalibrationSettings | None = None,
+              max_steps: int | None = None) -> Calibration:
     """Choose the unset ε and γ of ``config`` on a prepared problem (module docstring); :class:`CalibrationError`
-    if no setting passes."""
+    if no setting passes, or if the pilots have spent ``max_steps`` sequential SGLD steps before one did."""
     s = settings or CalibrationSettings()
     t0 = time.perf_counter()
     lrs = s.lr_grid(config.lr)
@@ -159,6 +160,10 @@ def calibrate(problem: LLCProblem, config: LLCConfig, settings: CalibrationSetti
     length = s.pilot_length(config.num_draws)
     for gamma in gammas:
         for i, eps in enumerate(lrs):
+            if max_steps is not None and pilots.spent >= max_steps:
+                raise CalibrationError(f"calibration spent its share of the budget ({pilots.spent} ≥ {max_steps} "
+                                       "SGLD steps) before a setting passed; raise budget_steps or set lr and "
+                                       "localization")
             res, why = pilots.run(eps, gamma, length)
             if why is not None or res is None:
                 continue

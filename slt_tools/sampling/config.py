@@ -62,6 +62,9 @@ class LLCConfig:
     ``model_mode``: the model is sampled in eval mode by default (dropout off, BatchNorm on its running statistics:
     the loss is then one deterministic function of w) and its modes are restored afterwards; ``"train"`` samples in
     train mode (dropout noise per chain and step; BatchNorm normalises by each minibatch).
+    ``budget_steps``/``budget_seconds``: the most the self-calibrating driver may spend on one estimate, in sequential
+    SGLD steps (pilots, runs and probes; None: :data:`slt_tools.sampling.auto.DEFAULT_BUDGET_STEPS`) and in wall
+    time (None: no limit). A run that would not fit is not started; the result then says it was cut short.
     """
 
     num_chains: int = 8
@@ -86,6 +89,8 @@ class LLCConfig:
     model_mode: str = "eval"
     max_extensions: int | None = None
     convergence_probe: bool | None = None
+    budget_steps: int | None = None
+    budget_seconds: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sampler_kwargs", MappingProxyType(dict(self.sampler_kwargs or {})))
@@ -95,10 +100,10 @@ class LLCConfig:
             object.__setattr__(self, "restrict_to", tuple(self.restrict_to))
         self._validate()
         for name in ("num_chains", "num_draws", "num_burnin_steps", "num_steps_bw_draws", "seed", "mala_every",
-                     "chain_chunk_size", "max_extensions"):
+                     "chain_chunk_size", "max_extensions", "budget_steps"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, int(getattr(self, name)))
-        for name in ("lr", "localization", "nbeta", "explode_threshold", "init_spread"):
+        for name in ("lr", "localization", "nbeta", "explode_threshold", "init_spread", "budget_seconds"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, float(getattr(self, name)))
 
@@ -118,6 +123,9 @@ class LLCConfig:
             _integer("chain_chunk_size", self.chain_chunk_size, 1)
         if self.max_extensions is not None:
             _integer("max_extensions", self.max_extensions, 0)
+        if self.budget_steps is not None:
+            _integer("budget_steps", self.budget_steps, 1)
+        _positive("budget_seconds", self.budget_seconds, optional=True)
         if not _is_real(self.init_spread) or self.init_spread < 0:
             raise ValueError(f"init_spread must be a non-negative finite number, got {self.init_spread!r}")
         if self.nbeta_convention not in ("dataset", "batch"):

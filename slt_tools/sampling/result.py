@@ -50,6 +50,11 @@ class NotConvergedWarning(LLCWarning):
     """The convergence checks (longer runs, overdispersed probe) failed: λ̂ is not a trustworthy answer."""
 
 
+class LocalizationRaisedWarning(LLCWarning):
+    """The self-calibrating path raised the localization γ because the run at the smaller γ could not relax within
+    the budget, and λ̂ depends on γ: the value is the localised posterior's at the larger γ (see the diagnostics)."""
+
+
 class SamplingFallbackWarning(LLCWarning):
     """A faster path could not be used (vmap, torch.compile, pinned step, graph rewrites); the result is unaffected."""
 
@@ -261,6 +266,8 @@ class LLCDiagnostics(Record):
     overdispersed_probe: ProbeRecord | None = None
     overdispersed_llc_by_run_length: list[float] | None = None
     lr_reduced_after_divergence: list[dict[str, Any]] | None = None
+    localization_raised: list[dict[str, Any]] | None = None
+    budget: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def update(self, **values: Any) -> None:
