@@ -23,6 +23,7 @@ from slt_tools.sampling import (
     LLCDivergenceError,
     LLCResult,
     LLCWarning,
+    LocalizationRaisedWarning,
     NegativeLLCWarning,
     NotConvergedWarning,
     NotStationaryWarning,
@@ -64,7 +65,8 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Calibration", "CalibrationError", "CheckpointError", "DivergenceWarning", "EssentialDynamics", "LLCConfig",
-    "LLCDiagnostics", "LLCDivergenceError", "LLCResult", "LLCTracker", "LLCWarning", "NegativeLLCWarning",
+    "LLCDiagnostics", "LLCDivergenceError", "LLCResult", "LLCTracker", "LLCWarning", "LocalizationRaisedWarning",
+    "NegativeLLCWarning",
     "NotConvergedWarning", "NotStationaryWarning", "SamplingFallbackWarning", "Stage", "StageList", "StepSizeWarning",
     "Trajectory", "WandbLogger", "calibrate_llc", "combine_results", "detect_stages", "essential_dynamics",
     "estimate_llc", "llc_trajectory", "log_schedule", "sample_llc", "save_checkpoint",

@@ -7,6 +7,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from slt_tools.geometry import (
+    HessianConvergenceWarning,
     HessianOperator,
     empirical_ntk,
     hessian_eigenvalues,
@@ -55,6 +56,23 @@ def test_eigenvalues_match_dense(problem):
     np.testing.assert_allclose(spec.top, dense[::-1][:5], rtol=1e-6, atol=1e-10)
     np.testing.assert_allclose(spec.bottom, dense[:5], rtol=1e-6, atol=1e-10)
     assert spec.bottom[0] < 0 < spec.top[0]  # signed: a tanh network at a random point is not convex
+
+
+def test_unconverged_bottom_eigenvalues_are_flagged_and_bounded(problem):
+    """A short Lanczos run: each reported value is within its residual bound of a true eigenvalue (Parlett 4.5.1),
+    and values whose bound is large are flagged with a warning; the adaptive default converges to the dense ones."""
+    model, loader, H = problem
+    dense = np.linalg.eigvalsh(H.numpy())
+    with pytest.warns(HessianConvergenceWarning, match="not converged"):
+        short = hessian_eigenvalues(model, loader, loss_fn, k=3, num_iter=6)
+    assert not short.converged
+    for vals, res in ((short.bottom, short.bottom_residual), (short.top, short.top_residual)):
+        for v, r in zip(vals, res):
+            assert np.min(np.abs(dense - v)) <= r * (1 + 1e-6) + 1e-12  # the residual bound holds
+    assert np.any(short.bottom_residual > short.tol)
+    spec = hessian_eigenvalues(model, loader, loss_fn, k=3, rtol=1e-8)  # default: doubles until converged
+    assert spec.converged and spec.num_iter <= H.shape[0]
+    np.testing.assert_allclose(spec.bottom, dense[:3], rtol=1e-5, atol=1e-8)
 
 
 def test_hvp_matches_dense(problem):

@@ -1,6 +1,8 @@
 """Landscape geometry beside the LLC: Hessian spectrum (Lanczos, Hutch++, SLQ) and the empirical NTK."""
 from slt_tools.geometry.hessian import (
+    HessianConvergenceWarning,
     HessianOperator,
+    Spectrum,
     hessian_eigenvalues,
     hessian_spectral_density,
     hessian_summary,
@@ -15,5 +17,6 @@ from slt_tools.geometry.ntk import (
     ntk_summary,
 )
 
-__all__ = ["HessianOperator", "empirical_ntk", "hessian_eigenvalues", "hessian_spectral_density", "hessian_summary",
-           "hessian_trace", "kernel_distance", "kernel_target_alignment", "kernel_velocity", "lanczos", "ntk_summary"]
+__all__ = ["HessianConvergenceWarning", "HessianOperator", "Spectrum", "empirical_ntk", "hessian_eigenvalues",
+           "hessian_spectral_density", "hessian_summary", "hessian_trace", "kernel_distance", "kernel_target_alignment",
+           "kernel_velocity", "lanczos", "ntk_summary"]

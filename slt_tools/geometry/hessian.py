@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -72,9 +73,17 @@ class HessianOperator:
 def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], v0: torch.Tensor, m: int
             ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
     """m steps of Lanczos with full reorthogonalisation from v0: (α, β, Q) with T = tridiag(β, α, β)."""
+    a, b, q, _ = lanczos_with_residual(matvec, v0, m)
+    return a, b, q
+
+
+def lanczos_with_residual(matvec: Callable[[torch.Tensor], torch.Tensor], v0: torch.Tensor, m: int
+                          ) -> tuple[np.ndarray, np.ndarray, torch.Tensor, float]:
+    """:func:`lanczos` and the norm β_m of its last residual, which bounds the Ritz pairs' residuals
+    (:func:`ritz_residuals`); 0 when the Krylov space became invariant (β below 1e-10·|α₀|: exact Ritz values)."""
     Q = torch.empty(m + 1, v0.numel(), dtype=v0.dtype, device=v0.device)  # preallocated Krylov basis
     Q[0] = v0 / v0.norm()
-    alphas, betas = [], []
+    alphas, betas, last = [], [], 0.0
     for j in range(m):
         w = matvec(Q[j])
         alphas.append(float(torch.dot(w, Q[j])))
@@ -82,35 +91,89 @@ def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], v0: torch.Tensor, m:
         w = w - basis.T @ (basis @ w)  # full reorthogonalisation (twice is enough)
         w = w - basis.T @ (basis @ w)
         b = float(w.norm())
-        if j == m - 1 or b < 1e-10 * max(1.0, abs(alphas[0])):
+        if b < 1e-10 * max(1.0, abs(alphas[0])):
+            break
+        if j == m - 1:
+            last = b
             break
         betas.append(b)
         Q[j + 1] = w / b
-    return np.array(alphas), np.array(betas), Q[: len(alphas)]
+    return np.array(alphas), np.array(betas), Q[: len(alphas)], last
+
+
+def ritz_residuals(alphas: np.ndarray, betas: np.ndarray, last: float) -> tuple[np.ndarray, np.ndarray]:
+    """Ritz values θ_i of T = tridiag(β, α, β) (ascending) and their residual norms ‖H y_i − θ_i y_i‖ = β_m·|s_{m,i}|
+    (β_m = ``last``, s_{m,i} the last component of T's i-th eigenvector).
+
+    For symmetric H an eigenvalue lies within the residual of each Ritz value (Parlett, *The Symmetric Eigenvalue
+    Problem*, Thm 4.5.1; with full reorthogonalisation the bound is not spoilt by lost orthogonality), so a Ritz value
+    whose residual is small against the spectrum's scale is converged; the bottom of an indefinite, clustered spectrum
+    converges last."""
+    if len(alphas) == 1:
+        return alphas.copy(), np.abs(np.array([last]))
+    theta, vecs = scipy.linalg.eigh_tridiagonal(alphas, betas)
+    return theta, np.abs(last * vecs[-1])
 
 
 @dataclass
 class Spectrum:
+    """Extreme Hessian eigenvalues with their Lanczos residual bounds (an eigenvalue lies within ``*_residual``)."""
+
     top: np.ndarray  # largest algebraic eigenvalues, descending
     bottom: np.ndarray  # smallest algebraic eigenvalues, ascending
     num_hvps: int
+    top_residual: np.ndarray | None = None
+    bottom_residual: np.ndarray | None = None
+    tol: float = 0.0  # residual below which a value counts as converged
+    num_iter: int = 0
+
+    @property
+    def converged(self) -> bool:
+        """Whether every reported eigenvalue is within ``tol`` of an eigenvalue of H."""
+        res = [r for r in (self.top_residual, self.bottom_residual) if r is not None]
+        return all(bool(np.all(r <= self.tol)) for r in res)
+
+
+class HessianConvergenceWarning(RuntimeWarning):
+    """Lanczos stopped before the reported extreme eigenvalues converged (their residual bounds are large)."""
 
 
 def hessian_eigenvalues(model: nn.Module, loader: Any, loss_fn: Callable, k: int = 10, num_iter: int | None = None,
-                        seed: int = 0, op: HessianOperator | None = None, **op_kwargs: Any) -> Spectrum:
-    """Top-k largest and smallest (signed) Hessian eigenvalues by Lanczos (``num_iter`` steps, default
-    min(dim, max(3k, k + 30)))."""
+                        seed: int = 0, op: HessianOperator | None = None, rtol: float = 1e-3,
+                        max_iter: int | None = None, **op_kwargs: Any) -> Spectrum:
+    """Top-k largest and smallest (signed) Hessian eigenvalues by Lanczos, with residual bounds.
+
+    ``num_iter`` given: exactly that many steps. Default: start at min(dim, max(3k, k + 30)) steps and double (up to
+    ``max_iter``, default min(dim, 16·start)) until every reported value's residual β_m|s_{m,i}| is at most
+    ``rtol``·max|θ| (:func:`ritz_residuals`); values still above it are reported with a
+    :class:`HessianConvergenceWarning` naming them — the bottom of the spectrum (near-zero and negative eigenvalues,
+    the ones that say whether w* is a minimum) converges last, and unconverged ones can have the wrong sign."""
     op = op or HessianOperator(model, loader, loss_fn, **op_kwargs)
     if not 1 <= k <= op.dim:
         raise ValueError(f"k must be between 1 and the number of parameters {op.dim}, got {k}")
     m = min(op.dim, num_iter or max(3 * k, k + 30))
+    cap = m if num_iter else min(op.dim, max_iter or 16 * m)
     gen = torch.Generator().manual_seed(seed)
     v0 = torch.randn(op.dim, generator=gen, dtype=op.theta.dtype).to(op.theta.device)
     start = op.count
-    a, b, _ = lanczos(op, v0, m)
-    ritz = scipy.linalg.eigh_tridiagonal(a, b[: len(a) - 1], eigvals_only=True) if len(a) > 1 else a
-    kk = min(k, len(ritz))
-    return Spectrum(top=ritz[::-1][:kk].copy(), bottom=ritz[:kk].copy(), num_hvps=op.count - start)
+    while True:
+        a, b, _, last = lanczos_with_residual(op, v0, m)
+        ritz, res = ritz_residuals(a, b, last)
+        tol = rtol * float(np.max(np.abs(ritz)))
+        kk = min(k, len(ritz))
+        spec = Spectrum(top=ritz[::-1][:kk].copy(), bottom=ritz[:kk].copy(), num_hvps=op.count - start,
+                        top_residual=res[::-1][:kk].copy(), bottom_residual=res[:kk].copy(), tol=tol,
+                        num_iter=len(a))
+        if spec.converged or m >= cap:
+            break
+        m = min(cap, 2 * m)
+    if not spec.converged:
+        bad = [f"{v:.3g} (± {r:.2g})" for v, r in zip(np.r_[spec.bottom, spec.top],
+                                                       np.r_[spec.bottom_residual, spec.top_residual]) if r > tol]
+        warnings.warn(f"Lanczos after {spec.num_iter} steps: eigenvalue(s) {', '.join(bad[:6])} not converged "
+                      f"(residual > {rtol:g}·max|θ| = {tol:.2g}); raise num_iter/max_iter", HessianConvergenceWarning,
+                      stacklevel=2)
+    return spec
 
 
 @dataclass
@@ -204,5 +267,7 @@ def hessian_summary(model: nn.Module, loader: Any, loss_fn: Callable, k: int = 5
     tr = hessian_trace(model, loader, loss_fn, num_samples=trace_samples, op=op)
     out = {f"hessian/top_{i}": float(v) for i, v in enumerate(spec.top)}
     out.update({f"hessian/bottom_{i}": float(v) for i, v in enumerate(spec.bottom)})
-    out.update({"hessian/trace": tr.trace, "hessian/trace_stderr": tr.stderr, "hessian/num_hvps": op.count})
+    out.update({f"hessian/bottom_{i}_residual": float(r) for i, r in enumerate(spec.bottom_residual)})
+    out.update({"hessian/trace": tr.trace, "hessian/trace_stderr": tr.stderr, "hessian/num_hvps": op.count,
+                "hessian/converged": float(spec.converged)})
     return out

@@ -18,6 +18,7 @@ from slt_tools.sampling.result import (
     LLCDivergenceError,
     LLCResult,
     LLCWarning,
+    LocalizationRaisedWarning,
     NegativeLLCWarning,
     NotConvergedWarning,
     NotStationaryWarning,
@@ -32,6 +33,7 @@ from slt_tools.sampling.rules import RULES, Rule, register
 __all__ = [
     "RULES", "Calibration", "CalibrationCandidate", "CalibrationError", "CalibrationSettings", "DivergenceWarning",
     "LLCConfig", "LLCDiagnostics", "LLCDivergenceError", "LLCProblem", "LLCResult", "LLCWarning",
+    "LocalizationRaisedWarning",
     "LocalizationWarning", "NegativeLLCWarning", "NotConvergedWarning", "NotStationaryWarning",
     "PerChainDiagnostics", "ProbeRecord", "Rule", "SamplingFallbackWarning", "StepSizeWarning", "calibrate_llc",
     "combine_results",

@@ -262,6 +262,7 @@ def _next_run(config: LLCConfig, result: LLCResult, checks: _Checks, may_raise_g
                                   "llc_sem_at_from": result.llc_sem, "relaxation_steps_at_from": relax,
                                   "burnin_at_from": config.num_burnin_steps})
             checks.previous = None  # another γ is another estimand: no run-length comparison across it
+            checks.history = []
             return raised
     if not fits(doubled):
         checks.cut_short = f"a longer run ({_run_steps(doubled)} steps) did not fit the budget"
@@ -271,6 +272,7 @@ def _next_run(config: LLCConfig, result: LLCResult, checks: _Checks, may_raise_g
 
 def _not_converged_message(result: LLCResult, checks: _Checks, pilot: list[Any], draws: int) -> str:
     reasons = list(result.diagnostics.not_stationary_reasons)
+    pilot = pilot if not checks.raises else []  # the pilot ran at the calibrated γ, not at the raised one
     if len(checks.history) > 1 or pilot:
         reasons.append("λ̂ kept changing as the run got longer: " + " → ".join(
             f"{v:.3g}" for v in ([pilot[-1]["llc_mean"]] if pilot else []) + checks.history))
