@@ -82,7 +82,8 @@ def main() -> None:
               help="results store (JSON lines); re-running skips finished checkpoints")
 @click.option("--num-chains", type=int, default=8, show_default=True)
 @click.option("--num-draws", type=int, default=200, show_default=True)
-@click.option("--num-burnin-steps", type=int, default=0, show_default=True)
+@click.option("--num-burnin-steps", type=int, default=None,
+              help="burn-in steps; default min(4/(lr·localization), sampling steps), 0 for none")
 @click.option("--lr", type=float, default=None, help="SGLD step size ε (default: calibrate automatically)")
 @click.option("--localization", type=float, default=None, help="γ (default: calibrate automatically)")
 @click.option("--nbeta", type=float, default=None, help="inverse temperature nβ (default n / log n)")
@@ -98,7 +99,7 @@ def main() -> None:
 @click.option("--wandb/--no-wandb", "use_wandb", default=False, show_default=True,
               help="log to Weights & Biases (offline unless WANDB_MODE says otherwise)")
 def llc(checkpoints: str, model_spec: str, data_spec: str, loss_spec: str, out: Path, num_chains: int,
-        num_draws: int, num_burnin_steps: int, lr: float | None, localization: float | None, nbeta: float | None,
+        num_draws: int, num_burnin_steps: int | None, lr: float | None, localization: float | None, nbeta: float | None,
         sampler: str, seed: int, chain_chunk_size: int | None, on_error: str, use_compile: bool,
         csv_path: Path | None, use_wandb: bool) -> None:
     """Estimate the LLC at every checkpoint in CHECKPOINTS (a directory or a glob).

@@ -470,3 +470,12 @@ def test_loop_stops_when_every_chain_has_diverged(small_problem):
     assert out.steps_run < 400 and out.steps_run % 8 == 0
     assert np.isfinite(trace[:, 0]).all() and not np.isfinite(trace[:, out.steps_run - 1]).any()
     assert np.isnan(trace[:, out.steps_run:]).all()
+
+
+def test_default_burnin_is_the_flat_directions_relaxation_time_capped_by_the_run():
+    """num_burnin_steps unset: min(4/(εγ), sampling steps) once ε and γ are known; 0 stays 0 (devinterp's default)."""
+    assert slt.LLCConfig(lr=1e-4, localization=100.0, num_draws=1000).num_burnin_steps == 400
+    assert slt.LLCConfig(lr=5e-7, localization=1.0, num_draws=200, num_steps_bw_draws=2).num_burnin_steps == 400
+    assert slt.LLCConfig(lr=1e-4, localization=100.0, num_burnin_steps=0).num_burnin_steps == 0
+    assert slt.LLCConfig(lr=1e-4).num_burnin_steps is None  # γ left to calibration: decided there
+    assert slt.LLCConfig(lr=1e-4, localization=0.0, num_draws=300).num_burnin_steps == 300

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slt_tools.sampling.calibration import calibrate
-from slt_tools.sampling.config import LLCConfig
+from slt_tools.sampling.config import LLCConfig, relaxation_steps
 from slt_tools.sampling.estimate import LLCProblem, model_mode, sample
 from slt_tools.sampling.functional import LossFn
 from slt_tools.sampling.result import (
@@ -89,18 +89,6 @@ RAISE_FACTOR = 10.0
 #: about the model (on a rank-cut DLN (4,4,4,4) at n = 1e4 an uncapped raise to γ = 1000 "converged" at λ̂ = 2.7
 #: against Aoyagi's 6.5; capped, it is reported as not converged)
 MAX_RAISE = 100.0
-
-
-def relaxation_steps(lr: float, localization: float) -> int:
-    """SGLD steps the flat directions of the localised posterior need to relax from w*: ⌈4/(εγ)⌉.
-
-    Where the loss does not curve (symmetry orbits, degenerate valleys), SGLD is the Ornstein–Uhlenbeck recursion
-    x′ = (1 − εγ/2)·x + √ε·ξ started at 0, whose variance (1/γ)(1 − (1 − εγ/2)^{2t}) ≈ (1/γ)(1 − e^{−εγt}) misses
-    e^{−4} ≈ 2 % of its limit after t = 4/(εγ) steps; curved directions relax faster. Chains from w* that stop earlier
-    have not explored those directions, and where λ̂ depends on them (on most networks: moving along a symmetry orbit
-    changes the curvature of the other directions) it is still rising.
-    """
-    return int(math.ceil(4.0 / (lr * localization)))
 
 
 @dataclass
@@ -416,7 +404,7 @@ def _estimate(model: nn.Module, loader: Any, loss_fn: LossFn, config: LLCConfig,
             # the checks stay on (as for every calibrated run) once ε and γ are filled in
             config = config.replace(lr=calib.lr, localization=calib.localization,
                                     num_draws=max(config.num_draws, calib.num_draws),
-                                    num_burnin_steps=max(config.num_burnin_steps, calib.num_burnin_steps),
+                                    num_burnin_steps=max(config.num_burnin_steps or 0, calib.num_burnin_steps),
                                     max_extensions=config.extensions_allowed, convergence_probe=config.probe_enabled)
         return _checked_run(problem, config, calib, calib is not None and user_lr is None,
                             calib is not None and user_gamma is None, chain_ids, progress, budget, status)

@@ -50,6 +50,28 @@ def _integer(name: str, v: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be a {kind} integer, got {v!r}")
 
 
+def relaxation_steps(lr: float, localization: float) -> int:
+    """SGLD steps the flat directions of the localised posterior need to relax from w*: ⌈4/(εγ)⌉.
+
+    Where the loss does not curve (symmetry orbits, degenerate valleys), SGLD is the Ornstein–Uhlenbeck recursion
+    x′ = (1 − εγ/2)·x + √ε·ξ started at 0, whose variance (1/γ)(1 − (1 − εγ/2)^{2t}) ≈ (1/γ)(1 − e^{−εγt}) misses
+    e^{−4} ≈ 2 % of its limit after t = 4/(εγ) steps; curved directions relax faster. Chains from w* that stop earlier
+    have not explored those directions, and where λ̂ depends on them (on most networks: moving along a symmetry orbit
+    changes the curvature of the other directions) it is still rising.
+    """
+    if localization <= 0:
+        return 2**62
+    return int(math.ceil(4.0 / (lr * localization)))
+
+
+def default_burnin(lr: float, localization: float, sampling_steps: int) -> int:
+    """The burn-in of a hand-set run that does not give one: the flat directions' relaxation time
+    :func:`relaxation_steps` (4/(εγ)), but at most the sampling steps themselves (so the default at most doubles a
+    run's cost; where 4/(εγ) is longer the diagnostics' initial-transient and drift checks say the run is short).
+    With devinterp's typical ε = 1e-4, γ = 100 that is 400 steps. ``num_burnin_steps=0`` keeps devinterp's default."""
+    return int(min(relaxation_steps(lr, localization), sampling_steps))
+
+
 @dataclass(frozen=True)
 class LLCConfig:
     """Settings of one LLC estimate (see :func:`slt_tools.estimate_llc` for what each does).
@@ -62,14 +84,16 @@ class LLCConfig:
     ``model_mode``: the model is sampled in eval mode by default (dropout off, BatchNorm on its running statistics:
     the loss is then one deterministic function of w) and its modes are restored afterwards; ``"train"`` samples in
     train mode (dropout noise per chain and step; BatchNorm normalises by each minibatch).
-    ``budget_steps``/``budget_seconds``: the most the self-calibrating driver may spend on one estimate, in sequential
+    ``num_burnin_steps`` left as None is :func:`default_burnin` (min(4/(εγ), the sampling steps)) once ε and γ
+    are known. ``budget_steps``/``budget_seconds``: the most the self-calibrating driver may spend on one estimate,
+    in sequential
     SGLD steps (pilots, runs and probes; None: :data:`slt_tools.sampling.auto.DEFAULT_BUDGET_STEPS`) and in wall
     time (None: no limit). A run that would not fit is not started; the result then says it was cut short.
     """
 
     num_chains: int = 8
     num_draws: int = 200
-    num_burnin_steps: int = 0
+    num_burnin_steps: int | None = None
     num_steps_bw_draws: int = 1
     lr: float | None = None
     localization: float | None = None
@@ -99,6 +123,10 @@ class LLCConfig:
         elif self.restrict_to is not None and not callable(self.restrict_to):
             object.__setattr__(self, "restrict_to", tuple(self.restrict_to))
         self._validate()
+        if self.num_burnin_steps is None and self.lr is not None and self.localization is not None:
+            object.__setattr__(self, "num_burnin_steps",
+                               default_burnin(float(self.lr), float(self.localization),
+                                              int(self.num_draws) * int(self.num_steps_bw_draws)))
         for name in ("num_chains", "num_draws", "num_burnin_steps", "num_steps_bw_draws", "seed", "mala_every",
                      "chain_chunk_size", "max_extensions", "budget_steps"):
             if getattr(self, name) is not None:
@@ -110,7 +138,8 @@ class LLCConfig:
     def _validate(self) -> None:
         _integer("num_chains", self.num_chains, 1)
         _integer("num_draws", self.num_draws, 1)
-        _integer("num_burnin_steps", self.num_burnin_steps, 0)
+        if self.num_burnin_steps is not None:
+            _integer("num_burnin_steps", self.num_burnin_steps, 0)
         _integer("num_steps_bw_draws", self.num_steps_bw_draws, 1)
         _integer("seed", self.seed, 0)
         _integer("mala_every", self.mala_every, 0)
