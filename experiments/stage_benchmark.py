@@ -140,7 +140,10 @@ def make_curve(rng, *, k: int, shape: str, n: int, spacing: str, axis: str, nois
     sd = noise * scale * level * (rng.uniform(0.5, 2.0, len(u)) if hetero else 1.0)
     llc = true + sd * rng.standard_normal(len(u))
     drops = np.array([rng.uniform(0.3, 1.0) if kd == "A" else rng.uniform(0, 0.003) for kd in kinds])
-    lsteps = np.unique(np.linspace(0, last, min(int(last) + 1, 20000)).round()) if per_step_loss else steps
+    # a per-step log has every step; for memory it is thinned to ≤ 20k steps, keeping every early step (a uniform
+    # thinning alone would leave no loss at all in the first decades of log-time, where transitions are planted)
+    lsteps = (np.unique(np.r_[np.linspace(0, last, 10000), np.geomspace(1, last, 10000)].round())
+              if per_step_loss else steps)
     lu = to_u(lsteps)
     loss = 0.5 + drops.sum() - sum(dr * _ramp(lu, ci, wi, shape) for dr, ci, wi in zip(drops, c, w))
     loss = loss * (1 + (0.03 if per_step_loss else 0.002) * rng.standard_normal(len(lu)))
@@ -240,8 +243,9 @@ def evaluate(name: str, curves: int, stab_curves: int, stab_draws: int) -> dict:
 
 
 # Hoogland et al. (arXiv 2402.02364), language model: stage ends 900, 6.5k, 8.5k, 17k, 50k (LM1–LM5, the paper's
-# stage table); LLC rises in LM1, LM2, LM4, LM5 (type A) and falls in LM3 (type B).
-PUBLISHED = {"boundaries": [900, 6500, 8500, 17000], "kinds": ["A", "A", "B", "A", "A"]}
+# stage table). Types from the authors' figure code (github.com/timaeus-research/icl, notebooks/main-figures-LM.ipynb
+# TRANSITIONS_L2 labels A1, A2, B2, A3, C1; notebooks/language.ipynb colours A, A, B, A, Other): LM5 is neither A nor B.
+PUBLISHED = {"boundaries": [900, 6500, 8500, 17000], "kinds": ["A", "A", "B", "A", "other"]}
 
 
 def hoogland() -> dict | None:
@@ -256,7 +260,9 @@ def hoogland() -> dict | None:
     steps, llc = col("llc_mean.csv")
     _, std = col("llc_std.csv")
     loss = np.loadtxt(SHARED / "train_loss.csv", delimiter=",", skiprows=1)
-    out = {"published": PUBLISHED, "source": "Hoogland et al., arXiv 2402.02364, stage table (LM1-LM5)"}
+    out = {"published": PUBLISHED,
+           "source": "Hoogland et al., arXiv 2402.02364, stage table (LM1-LM5); types: timaeus-research/icl "
+                     "notebooks/main-figures-LM.ipynb (TRANSITIONS_L2) and notebooks/language.ipynb"}
     for label, kw in (("with_llc_std", {"llc_std": std}), ("without_llc_std", {})):
         st = detect_stages(steps, llc, loss=loss[:, 1], loss_steps=loss[:, 0], **kw)
         out[label] = st.to_dict()
