@@ -18,6 +18,7 @@ Boundaries below ``level`` are removed (least probable first, probabilities reco
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,6 +154,27 @@ def _interval(left: _Move, right: _Move, bi: int, a: np.ndarray, sd: np.ndarray,
     return lo, hi
 
 
+def unsupported_stages(edges: list[float], signs: list[float], x: np.ndarray, y: np.ndarray, noise_var: np.ndarray,
+                       z: float) -> list[int]:
+    """Stages whose own observations do not show their move: with the stage's points split at their median x into
+    an earlier and a later half, the inverse-variance weighted means m₁, m₂ (weights 1/σ_i², σ_i² the GP's fitted
+    noise variance) must differ in the move's direction by more than z·√(1/Σw₁ + 1/Σw₂). This is a check on the data,
+    not on the GP: a stationary kernel fitted to a step overshoots (rings) on either side of it, and its own posterior
+    then supports moves that the points do not show."""
+    out = []
+    for k in range(len(edges) - 1):
+        inside = np.flatnonzero((x >= edges[k]) & (x <= edges[k + 1]))
+        half = len(inside) // 2
+        if half < 1:
+            continue
+        early, late = inside[:half], inside[len(inside) - half:]
+        w1, w2 = 1.0 / noise_var[early], 1.0 / noise_var[late]
+        m1, m2 = float(w1 @ y[early] / w1.sum()), float(w2 @ y[late] / w2.sum())
+        if signs[k] * (m2 - m1) <= z * math.sqrt(1.0 / w1.sum() + 1.0 / w2.sum()):
+            out.append(k)
+    return out
+
+
 def segment(gp: GP, grid_x: np.ndarray, grid_steps: np.ndarray, x: np.ndarray, *, z: float, min_rel_change: float,
             plateau_slope: float, level: float, min_points: int, min_length: float, num_samples: int,
             seed: int) -> tuple[list[Boundary], list[_Move]]:
@@ -170,8 +192,9 @@ def segment(gp: GP, grid_x: np.ndarray, grid_steps: np.ndarray, x: np.ndarray, *
         edges = [grid_x[0], *grid_x[b], grid_x[-1]]
         short = [k for k in range(len(edges) - 1) if edges[k + 1] - edges[k] < min_length * span
                  or int(((x >= edges[k]) & (x <= edges[k + 1])).sum()) < min_points]
-        if short:  # the weaker boundary of the first too-short stage goes
-            k = short[0]
+        bad = short or unsupported_stages(edges, [m.sign for m in moves], x, gp.y_data, gp.noise_var(), z)
+        if bad:  # the weaker boundary of the first too-short (or unsupported) stage goes
+            k = bad[0]
             cands = [j for j in (k - 1, k) if 0 <= j < len(b)]
             moves = _merge(moves, min(cands, key=lambda j: probs[j]), mu)
             continue
