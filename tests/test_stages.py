@@ -1,5 +1,6 @@
 """Stage detection: planted stages, uncertainty, flagged points, the published Hoogland et al. run, edge cases."""
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -167,6 +168,65 @@ def test_bad_input():
     assert st.excluded == [{"step": 4.0, "reason": "nan"}]
     const = detect_stages(steps, np.full(20, 5.0), loss=np.linspace(1, 0.5, 20))
     assert len(const) == 1 and const[0].kind == "flat" and const[0].delta_llc == 0
+
+
+def test_bad_input_with_a_loss_on_its_own_grid_and_flags():
+    steps = np.arange(1, 21, dtype=float)
+    llc = np.linspace(1, 2, 20)
+    with pytest.raises(ValueError, match="loss_steps must be strictly increasing"):
+        detect_stages(steps, llc, loss=np.ones(30), loss_steps=np.r_[np.arange(29.0), 5.0])
+    with pytest.raises(ValueError, match="flags has 3 entries"):
+        detect_stages(steps, llc, flags=[None] * 3)
+    with pytest.raises(ValueError, match="non-negative"):
+        detect_stages(steps, llc, llc_std=np.full(20, -1.0))
+    loss = np.linspace(2, 1, 40)
+    loss[[7, 9]] = np.nan
+    with pytest.warns(RuntimeWarning, match=r"dropping 2 NaN/inf loss values .*'7', '9'"):
+        st = detect_stages(steps, llc, loss=loss, loss_steps=np.arange(40.0))
+    assert st.excluded == [] and len(st) >= 1  # the LLC checkpoints are all kept
+    with pytest.raises(ValueError, match="at least 6 checkpoints .* after excluding 16"):
+        detect_stages(steps, np.r_[-np.ones(16), np.ones(4)])  # λ̂ < 0 is flagged: too few usable points left
+
+
+def test_no_boundary_below_its_own_existence_level():
+    """Req. 2: every reported boundary has P(exists) ≥ ``level`` and lies in its interval; a stricter level never
+    adds a boundary. The planted B drop (0.8 noise sd) is too small to be supported at 0.95."""
+    rng = np.random.default_rng(11)
+    steps = np.geomspace(10, 1e5, 70)
+    u = np.log(steps) / np.log(1e5)
+    llc = 20 + 30 / (1 + np.exp(-(u - 0.3) / 0.02)) - 0.8 / (1 + np.exp(-(u - 0.7) / 0.02))
+    llc = llc + rng.standard_normal(70)
+    loss = 1 + 2 / (1 + np.exp((u - 0.3) / 0.02))
+    counts = []
+    for level in (0.5, 0.95, 0.999):
+        st = detect_stages(steps, llc, loss=loss, llc_std=np.full(70, 1.0), level=level)
+        assert all(b.probability >= level and b.interval[0] <= b.step <= b.interval[1] for b in st.boundaries)
+        assert all(math.isclose(sum(s.type_probs.values()), 1.0) for s in st)
+        counts.append(len(st.boundaries))
+    assert counts == sorted(counts, reverse=True) and counts[1] == 0, counts
+
+
+def test_cli_leaves_flagged_estimates_out_and_says_so(tmp_path, monkeypatch):
+    """Req. 6 in the CLI: estimates the sweep flagged (λ̂ < 0; diverged chains) are not evidence, and are listed."""
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    from slt_tools.cli import main as cli
+
+    steps, llc, loss, std, _ = _one_a_one_b(0.01)
+    llc = llc.copy()
+    llc[40] = -3.0
+    results = [{"llc_mean": float(v), "diagnostics": {"num_diverged": 2 if i == 50 else 0}} for i, v in enumerate(llc)]
+    traj = SimpleNamespace(steps=steps, llc_mean=llc, llc_std=std, loss=loss, results=results)
+    monkeypatch.setattr(slt.Trajectory, "from_store", classmethod(lambda cls, path: traj))
+    store = tmp_path / "llc.jsonl"
+    store.write_text("")
+    res = CliRunner().invoke(cli, ["stages", str(store), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert [(e["step"], e["reason"]) for e in out["excluded"]] == [(steps[40], "llc<0"), (steps[50], "diverged")]
+    assert [s["kind"] for s in out["stages"]] == ["A", "B"]
 
 
 def test_loss_smoothing_recovers_a_noisy_per_step_loss():
