@@ -109,7 +109,7 @@ def _single_flat(c, axis: str, details_grid: np.ndarray) -> StageList:
 def detect_stages(steps: Any, llc: Any = None, loss: Any = None, llc_std: Any = None, *, loss_steps: Any = None,
                   flags: Any = None, exclude_flagged: bool = True, milestones: Any = None, axis: str = "log",
                   level: float = 0.95, min_points: int = 3, min_length: float = 0.02, min_lengthscale: float = 0.04,
-                  max_lengthscale: float = 0.15, plateau_slope: float = 0.5, z: float = 2.0,
+                  max_lengthscale: float = 0.15, plateau_slope: float = 0.7, z: float = 2.0,
                   min_rel_change: float = 0.02, loss_tol: float = 0.04, flat_loss: float = 0.2,
                   loss_bandwidth: float = 0.004, agreement_tol: float = 0.15, num_samples: int = 2000, seed: int = 0,
                   return_details: bool = False) -> StageList | tuple[StageList, StageDetails]:
