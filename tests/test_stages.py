@@ -200,7 +200,7 @@ def test_no_boundary_below_its_own_existence_level():
     counts = []
     for level in (0.5, 0.95, 0.999):
         st = detect_stages(steps, llc, loss=loss, llc_std=np.full(70, 1.0), level=level)
-        assert all(b.probability >= level and b.interval[0] <= b.step <= b.interval[1] for b in st.boundaries)
+        assert all(b.probability >= level and b.interval[0] < b.step < b.interval[1] for b in st.boundaries)
         assert all(math.isclose(sum(s.type_probs.values()), 1.0) for s in st)
         counts.append(len(st.boundaries))
     assert counts == sorted(counts, reverse=True) and counts[1] == 0, counts
@@ -269,6 +269,7 @@ def test_published_language_model_run():
         found = [b.step for b in st.boundaries]
         assert len(found) == 4 and _match(PUBLISHED_BOUNDARIES, found) == 4, found
         assert [s.kind for s in st] == PUBLISHED_KINDS
+        assert all(b.interval[0] < b.step < b.interval[1] and b.probability >= 0.95 for b in st.boundaries)
 
 
 def test_stage_plot(tmp_path):

@@ -178,13 +178,15 @@ def existence_probabilities(gp: GP, grid_x: np.ndarray, moves: list[_Move], a: n
 
 
 def _interval(left: _Move, right: _Move, bi: int, a: np.ndarray, sd: np.ndarray, z: float) -> tuple[int, int]:
+    """Grid indices [lo, hi] around the boundary whose slope is not significantly larger than the boundary's; at
+    least one grid cell either side (the resolution at which the boundary is located, so never a point)."""
     ok = a - z * sd <= a[bi]
     lo = hi = bi
     while lo - 1 > left.peak and ok[lo - 1]:
         lo -= 1
     while hi + 1 < right.peak and ok[hi + 1]:
         hi += 1
-    return lo, hi
+    return max(min(lo, bi - 1), 0), min(max(hi, bi + 1), len(a) - 1)
 
 
 def unsupported_stages(edges: list[float], signs: list[float], x: np.ndarray, y: np.ndarray, noise_var: np.ndarray,
