@@ -116,24 +116,35 @@ def plot_stages(steps: Any, llc: Any, loss: Any = None, llc_std: Any = None, sta
 
 def plot_essential_dynamics(ed: Any, stages: Sequence[Any] | None = None, *, ax: Any = None,
                             path: str | Path | None = None, title: str | None = None) -> Any:
-    """PC1–PC2 trajectory of an :func:`slt_tools.essential_dynamics` result (smoothed curve, checkpoints as dots),
-    coloured by the stage each checkpoint falls in, milestones marked and labelled with their steps."""
+    """PC1–PC2 trajectory of an :func:`slt_tools.essential_dynamics` result: the smoothed curve, every checkpoint as a
+    dot coloured by its stage (one colour per stage, its type in the legend; grey: in no stage, e.g. left out of
+    stage detection as flagged), LLC stage boundaries as open diamonds on the smoothed curve, and ED milestones as
+    crosses labelled with their steps."""
     plt = _plt()
-    fig = ax.figure if ax is not None else plt.figure(figsize=(5.6, 4.8))
+    fig = ax.figure if ax is not None else plt.figure(figsize=(5.8, 4.9))
     ax = ax if ax is not None else fig.add_subplot(111)
     pcs, sm, steps = np.asarray(ed.scores), np.asarray(ed.smoothed), np.asarray(ed.steps, dtype=float)
-    colours = np.array(["0.4"] * len(steps), dtype=object)
-    for s in stages or []:
-        colours[(steps >= s.start) & (steps <= s.end)] = STAGE_COLOURS.get(s.kind, "#bbbbbb")
+    palette = plt.get_cmap("tab10").colors
     ax.plot(sm[:, 0], sm[:, 1], color="0.6", lw=1.0, zorder=1, label="smoothed")
-    ax.scatter(pcs[:, 0], pcs[:, 1], c=list(colours), s=14, zorder=2, edgecolors="none")
+    ax.plot(pcs[:, 0], pcs[:, 1], color="0.85", lw=0.6, zorder=0)
+    inside = np.zeros(len(steps), bool)
     for k, s in enumerate(stages or []):
-        ax.scatter([], [], color=STAGE_COLOURS.get(s.kind, "#bbbbbb"), s=14, label=f"stage {k + 1} ({s.kind})")
+        sel = (steps >= s.start) & (steps <= s.end) & ~inside
+        inside |= sel
+        ax.scatter(pcs[sel, 0], pcs[sel, 1], color=palette[k % 10], s=18, zorder=2, edgecolors="none",
+                   label=f"stage {k + 1}: {s.kind} ({s.start:.4g}–{s.end:.4g})")
+    if (~inside).any():
+        ax.scatter(pcs[~inside, 0], pcs[~inside, 1], color="0.55", s=12, zorder=2, edgecolors="none",
+                   label="in no stage" if stages else "checkpoints")
+    for k, s in enumerate(list(stages or [])[1:]):
+        i = int(np.argmin(np.abs(np.log1p(steps) - np.log1p(s.start))))
+        ax.scatter([sm[i, 0]], [sm[i, 1]], marker="D", facecolors="none", edgecolors="C3", s=60, zorder=3,
+                   label="LLC boundary" if k == 0 else None)
     for m in ed.milestones:
-        i = int(np.argmin(np.abs(steps - m.step)))
-        ax.scatter([sm[i, 0]], [sm[i, 1]], marker="x", color="k", s=60, zorder=3)
-        ax.annotate(f"{m.step:.3g}", (sm[i, 0], sm[i, 1]), xytext=(4, 4), textcoords="offset points", fontsize=8)
-    ax.scatter([], [], marker="x", color="k", label="milestone (step)")
+        i = int(np.argmin(np.abs(np.log1p(steps) - np.log1p(m.step))))
+        ax.scatter([sm[i, 0]], [sm[i, 1]], marker="x", color="k", s=60, zorder=4)
+        ax.annotate(f"{m.step:,.0f}", (sm[i, 0], sm[i, 1]), xytext=(4, 4), textcoords="offset points", fontsize=8)
+    ax.scatter([], [], marker="x", color="k", label="ED milestone (step)")
     ev = ed.explained_variance_ratio
     ax.set_xlabel(f"PC1 ({100 * ev[0]:.0f}% var.)")
     ax.set_ylabel(f"PC2 ({100 * ev[1]:.0f}% var.)" if len(ev) > 1 else "PC2")

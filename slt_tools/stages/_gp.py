@@ -70,6 +70,15 @@ class GP:
             return 1e10
         return float(0.5 * self.y @ alpha + np.log(np.diag(c[0])).sum())
 
+    def noise_var(self) -> np.ndarray:
+        """Fitted per-observation noise variance c·s_i² + σ_n² (data units), at the observed points."""
+        return self._noise(self.theta) * self.scale**2
+
+    @property
+    def y_data(self) -> np.ndarray:
+        """The observations (data units)."""
+        return self.y * self.scale + self.mean
+
     @property
     def hyperparameters(self) -> dict[str, float]:
         log_sf, log_ls, log_sn, log_c = self.theta

@@ -63,20 +63,22 @@ class SmoothedLoss:
 
 def smooth_loss(steps: np.ndarray, loss: np.ndarray, axis: str = "log", bandwidth: float = 0.004,
                 k_nearest: int | None = None) -> SmoothedLoss:
-    """Smooth a loss curve (see module docstring). ``k_nearest`` defaults to max(2, min(25, n // 50))."""
+    """Smooth a loss curve (see module docstring). ``k_nearest`` defaults to max(2, min(10, n // 50))."""
     steps = np.asarray(steps, dtype=float)
     x = np.log(steps + 1.0) if axis == "log" else steps.copy()
-    k = k_nearest if k_nearest is not None else max(2, min(25, len(x) // 50))
+    k = k_nearest if k_nearest is not None else max(2, min(10, len(x) // 50))
     return SmoothedLoss(x, np.asarray(loss, dtype=float), axis, bandwidth, k)
 
 
 def type_probabilities(dllc: np.ndarray, dloss: np.ndarray | None, llc_scale: float, loss_range: float, *,
                        min_rel_change: float, loss_tol: float, flat_loss: float) -> dict[str, float]:
-    """Probability of each type from joint draws of (Δλ, ΔL) across one stage.
+    """Probability of each type from joint draws of (Δλ, ΔL) across one stage (R = the loss range).
 
-    A draw is ``flat`` if |Δλ| < max(``min_rel_change`` × ``llc_scale``, 2 sd(Δλ)); otherwise A if Δλ > 0 and
-    ΔL < −``loss_tol`` × loss range; B if Δλ < 0, ΔL ≤ ``loss_tol`` × range (the loss does not rise) and
-    |ΔL| ≤ ``flat_loss`` × range; else ``other``. Without a loss curve: ``up`` / ``down`` / ``flat``.
+    A draw is ``flat`` if |Δλ| < max(``min_rel_change`` × ``llc_scale``, 2 sd(Δλ)); otherwise **A** if Δλ > 0 and
+    the loss falls, ΔL < −``loss_tol`` × R; **B** if Δλ < 0 and the loss changes little: it does not rise,
+    ΔL ≤ ``loss_tol`` × R, and |ΔL| ≤ ``flat_loss`` × R; else ``other`` — e.g. the LLC creeping up while the loss
+    falls by less than ``loss_tol`` × R (the last stage of Hoogland et al.'s language model), a rising loss, or the LLC
+    falling while the loss falls a lot. Without a loss curve: ``up`` / ``down`` / ``flat``.
     """
     # a change the posterior cannot tell from zero (|Δλ| < 2 sd) or below min_rel_change × range is no change
     moved = np.abs(dllc) >= max(min_rel_change * llc_scale, 2.0 * float(np.std(dllc)))

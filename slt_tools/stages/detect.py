@@ -19,6 +19,8 @@ class Stage:
 
     ``confidence`` is the posterior probability of ``kind``; ``type_probs`` that of every type. ``start_interval``
     and ``start_probability`` describe the boundary the stage starts at (``None``/NaN for the first stage).
+    ``typing_window``: the steps over which the LLC moves, where the loss change that typed the stage was read
+    (``delta_loss_sd`` is that change's standard error).
     """
 
     start: float
@@ -34,6 +36,7 @@ class Stage:
     type_probs: dict[str, float] = field(default_factory=dict)
     start_interval: tuple[float, float] | None = None
     start_probability: float = float("nan")
+    typing_window: tuple[float, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         def clean(v: Any) -> Any:
@@ -106,8 +109,8 @@ def _single_flat(c, axis: str, details_grid: np.ndarray) -> StageList:
 def detect_stages(steps: Any, llc: Any = None, loss: Any = None, llc_std: Any = None, *, loss_steps: Any = None,
                   flags: Any = None, exclude_flagged: bool = True, milestones: Any = None, axis: str = "log",
                   level: float = 0.95, min_points: int = 3, min_length: float = 0.02, min_lengthscale: float = 0.04,
-                  max_lengthscale: float = 0.15, plateau_slope: float = 0.5, z: float = 2.0,
-                  min_rel_change: float = 0.02, loss_tol: float = 0.01, flat_loss: float = 0.2,
+                  max_lengthscale: float = 0.15, plateau_slope: float = 0.7, z: float = 2.0,
+                  min_rel_change: float = 0.02, loss_tol: float = 0.04, flat_loss: float = 0.2,
                   loss_bandwidth: float = 0.004, agreement_tol: float = 0.15, num_samples: int = 2000, seed: int = 0,
                   return_details: bool = False) -> StageList | tuple[StageList, StageDetails]:
     """Split training into stages of LLC change and type each (A/B/other/flat; up/down/flat without a loss).
@@ -139,9 +142,9 @@ def detect_stages(steps: Any, llc: Any = None, loss: Any = None, llc_std: Any = 
         return (out, out.details) if return_details else out
     gp = GP(x, y, None if sd is None else sd**2, min_ls=max(min_lengthscale * span, 1e-9),
             max_ls=max_lengthscale * span)
-    bounds, _ = segment(gp, grid_x, grid_steps, x, z=z, min_rel_change=min_rel_change, plateau_slope=plateau_slope,
+    bounds, moves = segment(gp, grid_x, grid_steps, x, z=z, min_rel_change=min_rel_change, plateau_slope=plateau_slope,
                         level=level, min_points=min_points, min_length=min_length, num_samples=num_samples, seed=seed)
-    stages, loss_grid = _type_stages(gp, c, bounds, axis, grid_steps, min_rel_change=min_rel_change,
+    stages, loss_grid = _type_stages(gp, c, bounds, moves, axis, grid_steps, min_rel_change=min_rel_change,
                                      loss_tol=loss_tol, flat_loss=flat_loss, bandwidth=loss_bandwidth,
                                      num_samples=num_samples, seed=seed)
     mu, mu_sd, slope, slope_sd = gp.predict(grid_x)
@@ -153,21 +156,38 @@ def detect_stages(steps: Any, llc: Any = None, loss: Any = None, llc_std: Any = 
     return (out, det) if return_details else out
 
 
-def _type_stages(gp: GP, c, bounds: list[Boundary], axis: str, grid_steps: np.ndarray, *, min_rel_change: float,
-                 loss_tol: float, flat_loss: float, bandwidth: float, num_samples: int,
+def _move_windows(moves: list, edges: np.ndarray, grid_steps: np.ndarray) -> list[tuple[float, float]]:
+    """Per stage, the steps over which its LLC moves (the move's significant-slope run, inside the stage): the loss
+    change that types a stage is read there, so the tail of a neighbouring transition's loss drop that falls in a
+    plateau half of the stage is not ascribed to it. Without a move for every stage, the stage edges."""
+    if len(moves) != len(edges) - 1:
+        return [(float(edges[k]), float(edges[k + 1])) for k in range(len(edges) - 1)]
+    out = []
+    for k, m in enumerate(moves):
+        lo = min(max(float(grid_steps[m.i0]), float(edges[k])), float(edges[k + 1]))
+        hi = max(min(float(grid_steps[m.i1]), float(edges[k + 1])), lo)
+        out.append((lo, hi) if hi > lo else (float(edges[k]), float(edges[k + 1])))
+    return out
+
+
+def _type_stages(gp: GP, c, bounds: list[Boundary], moves: list, axis: str, grid_steps: np.ndarray, *,
+                 min_rel_change: float, loss_tol: float, flat_loss: float, bandwidth: float, num_samples: int,
                  seed: int) -> tuple[list[Stage], np.ndarray | None]:
-    """Type each stage from joint GP draws of λ at its edges and the smoothed loss change (with its error)."""
+    """Type each stage from joint GP draws of λ at its edges and the smoothed loss change (± its error) over the
+    stage's LLC move (:func:`_move_windows`). ``delta_loss`` reports the change across the whole stage."""
     edges = np.array([c.steps[0], *[b.step for b in bounds], c.steps[-1]])
     ex = np.log(edges + 1.0) if axis == "log" else edges
     rng = np.random.default_rng(seed + 1)
     fdraw = gp.sample_joint(ex, ex[:0], num_samples, rng)
     mean, cov = gp.joint(ex, ex[:0])
     llc_scale = float(np.ptp(gp.predict(np.linspace(ex[0], ex[-1], 200))[0]))
-    lmean = lse = loss_grid = None
+    lmean = wmean = wse = loss_grid = None
     loss_range = float("nan")
+    windows = _move_windows(moves, edges, grid_steps)
     if c.loss is not None:
         sl = smooth_loss(c.loss_steps, c.loss, axis, bandwidth=bandwidth)
-        lmean, lse = sl.at(edges)
+        lmean = sl.at(edges)[0]
+        wmean, wse = sl.at(np.array([w for pair in windows for w in pair]))
         loss_grid = sl.at(grid_steps[:: max(1, len(grid_steps) // 100)])[0]
         loss_range = float(np.ptp(loss_grid))
     out = []
@@ -176,8 +196,9 @@ def _type_stages(gp: GP, c, bounds: list[Boundary], axis: str, grid_steps: np.nd
         dl = dlsd = float("nan")
         dloss = None
         if lmean is not None:
-            dl, dlsd = float(lmean[k + 1] - lmean[k]), float(math.hypot(lse[k], lse[k + 1]))
-            dloss = dl + dlsd * rng.standard_normal(num_samples)
+            dl = float(lmean[k + 1] - lmean[k])
+            dw, dlsd = float(wmean[2 * k + 1] - wmean[2 * k]), float(math.hypot(wse[2 * k], wse[2 * k + 1]))
+            dloss = dw + dlsd * rng.standard_normal(num_samples)
         probs = type_probabilities(dllc, dloss, llc_scale, loss_range, min_rel_change=min_rel_change,
                                    loss_tol=loss_tol, flat_loss=flat_loss)
         kind = max(probs, key=probs.get)
@@ -186,5 +207,5 @@ def _type_stages(gp: GP, c, bounds: list[Boundary], axis: str, grid_steps: np.nd
         b = bounds[k - 1] if k else None
         out.append(Stage(float(edges[k]), float(edges[k + 1]), kind, d, dl, probs[kind], float(mean[k]),
                          float(mean[k + 1]), dsd, dlsd, probs, None if b is None else b.interval,
-                         float("nan") if b is None else b.probability))
+                         float("nan") if b is None else b.probability, windows[k]))
     return out, loss_grid

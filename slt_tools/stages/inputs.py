@@ -112,6 +112,9 @@ def prepare(steps: Any, llc: Any = None, loss: Any = None, llc_std: Any = None, 
     keep = ~drop
     if lo is not None:
         lo_keep = keep if ls is s else np.isfinite(lo) & np.isfinite(ls)
+        if ls is not s and not lo_keep.all():
+            warnings.warn(f"dropping {int((~lo_keep).sum())} NaN/inf loss values (loss_steps "
+                          f"{[f'{v:g}' for v in ls[~lo_keep][:20]]})", RuntimeWarning, stacklevel=3)
         ls, lo = ls[lo_keep], lo[lo_keep]
         _check_steps(ls, "loss_steps")
     return Curves(s[keep], y[keep], None if sd is None else sd[keep], ls, lo, excluded)

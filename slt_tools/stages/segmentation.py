@@ -1,7 +1,10 @@
 """Segmentation: stage boundaries of a smoothed LLC curve, each with an interval and an existence probability.
 
 A *move* is a maximal run of the grid where the posterior slope is significantly non-zero, |μ'(x)| > z·sd(μ'(x)),
-with one sign, and where μ changes by at least ``min_rel_change`` × range(μ). A run of the same sign is split at an
+with one sign, and where μ changes by at least ``min_rel_change`` × range(μ). Where no such run is, a run where the
+change across a window of ±0.3 GP lengthscales is significant, |D| > z·sd(D) (:func:`secant_changes`), is a move
+too: a slow, small LLC drop under noise has no point of significant slope, but a significant change.
+A run of the same sign is split at an
 interior minimum of |μ'| below ``plateau_slope`` × the smaller of the slope peaks on either side (two transitions
 in the same direction with a slowdown between them). Stages are the moves; a boundary lies between two consecutive
 moves — at the middle of the gap between them (the plateau, or the extremum of λ̂ when the directions differ), or at
@@ -14,10 +17,13 @@ probability* is the posterior probability, over joint GP draws of λ at the stag
 at the two peaks, that both neighbouring stages move in their directions by at least ``min_rel_change`` × range and,
 for two moves in the same direction, that the slope across the plateau between them (its mean over the gap, or the
 slope at a split point) is below ``plateau_slope`` × the smaller of the two moves' mean slopes.
-Boundaries below ``level`` are removed (least probable first, probabilities recomputed after each removal).
+Boundaries below ``level`` are removed (least probable first, probabilities recomputed after each removal); so is
+the weaker boundary of a stage whose own observations do not show its move (:func:`unsupported_stages`), or that is
+shorter than ``min_length`` or holds fewer than ``min_points`` checkpoints.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,8 +53,7 @@ class _Move:
     peak: int
 
 
-def _runs(a: np.ndarray, sd: np.ndarray, sign: np.ndarray, z: float) -> list[_Move]:
-    sig = a > z * sd
+def _runs(a: np.ndarray, sig: np.ndarray, sign: np.ndarray) -> list[_Move]:
     out, i, n = [], 0, len(a)
     while i < n:
         if not sig[i]:
@@ -79,12 +84,41 @@ def _split(m: _Move, a: np.ndarray, mu: np.ndarray, thr: float, ratio: float) ->
     return _split(lm, a, mu, thr, ratio) + _split(rm, a, mu, thr, ratio)
 
 
+def secant_changes(gp: GP, grid_x: np.ndarray, half_width: float, x: np.ndarray,
+                   min_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior mean and sd of D(x) = f(x + w) − f(x − w) on the grid (w = ``half_width``, clipped at the ends),
+    from the joint posterior of f on the grid. Where the noise is large, the slope at a point is poorly determined
+    while the change across a window is not (a slow, small LLC drop). Only where each half-window holds at least
+    ``min_points`` observations (elsewhere D is the prior's, not the data's); D = 0 there."""
+    n = len(grid_x)
+    m = max(1, int(round(half_width / max(grid_x[1] - grid_x[0], 1e-300))))
+    mean, cov = gp.joint(grid_x, grid_x[:0])
+    lo, hi = np.clip(np.arange(n) - m, 0, n - 1), np.clip(np.arange(n) + m, 0, n - 1)
+    d = mean[hi] - mean[lo]
+    var = cov[hi, hi] + cov[lo, lo] - 2 * cov[hi, lo]
+    xs = np.sort(x)
+    left = np.searchsorted(xs, grid_x, "right") - np.searchsorted(xs, grid_x[lo], "left")
+    right = np.searchsorted(xs, grid_x[hi], "right") - np.searchsorted(xs, grid_x, "left")
+    d = np.where((left >= min_points) & (right >= min_points), d, 0.0)
+    return d, np.sqrt(np.clip(var, 0, None))
+
+
 def find_moves(mu: np.ndarray, slope: np.ndarray, slope_sd: np.ndarray, *, z: float, min_rel_change: float,
-               plateau_slope: float) -> list[_Move]:
-    """Moves of the smoothed curve (see module docstring)."""
+               plateau_slope: float, secant: tuple[np.ndarray, np.ndarray] | None = None) -> list[_Move]:
+    """Moves of the smoothed curve (see module docstring). A grid point moves if its slope is significant,
+    |μ'| > z·sd, or (given ``secant`` = :func:`secant_changes`) the change across the window around it is,
+    |D| > z·sd(D) and |D| ≥ ``min_rel_change`` × range; the direction is the slope's, else D's."""
     a = np.abs(slope)
     thr = min_rel_change * float(np.ptp(mu))
-    runs = [m for m in _runs(a, slope_sd, np.sign(slope), z) if abs(mu[m.i1] - mu[m.i0]) >= thr]
+    runs = [m for m in _runs(a, a > z * slope_sd, np.sign(slope)) if abs(mu[m.i1] - mu[m.i0]) >= thr]
+    if secant is not None:  # moves seen only by the change across a window, where no slope run is
+        d, dsd = secant
+        taken = np.zeros(len(a), bool)
+        for m in runs:
+            taken[m.i0: m.i1 + 1] = True
+        extra = [m for m in _runs(a, (np.abs(d) > z * dsd) & (np.abs(d) >= thr), np.sign(d))
+                 if not taken[m.i0: m.i1 + 1].any() and abs(mu[m.i1] - mu[m.i0]) >= thr]
+        runs = sorted(runs + extra, key=lambda m: m.i0)
     merged: list[_Move] = []
     for m in runs:  # same-sign runs with no slowdown between them are one move
         if merged and merged[-1].sign == m.sign:
@@ -144,23 +178,49 @@ def existence_probabilities(gp: GP, grid_x: np.ndarray, moves: list[_Move], a: n
 
 
 def _interval(left: _Move, right: _Move, bi: int, a: np.ndarray, sd: np.ndarray, z: float) -> tuple[int, int]:
+    """Grid indices [lo, hi] around the boundary whose slope is not significantly larger than the boundary's; at
+    least one grid cell either side (the resolution at which the boundary is located, so never a point)."""
     ok = a - z * sd <= a[bi]
     lo = hi = bi
     while lo - 1 > left.peak and ok[lo - 1]:
         lo -= 1
     while hi + 1 < right.peak and ok[hi + 1]:
         hi += 1
-    return lo, hi
+    return max(min(lo, bi - 1), 0), min(max(hi, bi + 1), len(a) - 1)
+
+
+def unsupported_stages(edges: list[float], signs: list[float], x: np.ndarray, y: np.ndarray, noise_var: np.ndarray,
+                       z: float) -> list[int]:
+    """Stages whose own observations do not show their move: with the stage's points split at their median x into
+    an earlier and a later half, the inverse-variance weighted means m₁, m₂ (weights 1/σ_i², σ_i² the GP's fitted
+    noise variance) must differ in the move's direction by more than z·√(1/Σw₁ + 1/Σw₂). This is a check on the data,
+    not on the GP: a stationary kernel fitted to a step overshoots (rings) on either side of it, and its own posterior
+    then supports moves that the points do not show."""
+    out = []
+    for k in range(len(edges) - 1):
+        inside = np.flatnonzero((x >= edges[k]) & (x <= edges[k + 1]))
+        half = len(inside) // 2
+        if half < 1:
+            continue
+        early, late = inside[:half], inside[len(inside) - half:]
+        w1, w2 = 1.0 / noise_var[early], 1.0 / noise_var[late]
+        m1, m2 = float(w1 @ y[early] / w1.sum()), float(w2 @ y[late] / w2.sum())
+        if signs[k] * (m2 - m1) <= z * math.sqrt(1.0 / w1.sum() + 1.0 / w2.sum()):
+            out.append(k)
+    return out
 
 
 def segment(gp: GP, grid_x: np.ndarray, grid_steps: np.ndarray, x: np.ndarray, *, z: float, min_rel_change: float,
             plateau_slope: float, level: float, min_points: int, min_length: float, num_samples: int,
-            seed: int) -> tuple[list[Boundary], list[_Move]]:
+            seed: int, secant_window: bool = True) -> tuple[list[Boundary], list[_Move]]:
     """Boundaries (with intervals and existence probabilities ≥ ``level``) and the moves between them."""
     mu, _, slope, slope_sd = gp.predict(grid_x)
     a = np.abs(slope)
     thr = min_rel_change * float(np.ptp(mu))
-    moves = find_moves(mu, slope, slope_sd, z=z, min_rel_change=min_rel_change, plateau_slope=plateau_slope)
+    secant = (secant_changes(gp, grid_x, 0.3 * gp.hyperparameters["lengthscale"], x, min_points)
+              if secant_window else None)
+    moves = find_moves(mu, slope, slope_sd, z=z, min_rel_change=min_rel_change, plateau_slope=plateau_slope,
+                       secant=secant)
     span = float(grid_x[-1] - grid_x[0])
     rng = np.random.default_rng(seed)
     while len(moves) > 1:
@@ -170,8 +230,9 @@ def segment(gp: GP, grid_x: np.ndarray, grid_steps: np.ndarray, x: np.ndarray, *
         edges = [grid_x[0], *grid_x[b], grid_x[-1]]
         short = [k for k in range(len(edges) - 1) if edges[k + 1] - edges[k] < min_length * span
                  or int(((x >= edges[k]) & (x <= edges[k + 1])).sum()) < min_points]
-        if short:  # the weaker boundary of the first too-short stage goes
-            k = short[0]
+        bad = short or unsupported_stages(edges, [m.sign for m in moves], x, gp.y_data, gp.noise_var(), z)
+        if bad:  # the weaker boundary of the first too-short (or unsupported) stage goes
+            k = bad[0]
             cands = [j for j in (k - 1, k) if 0 <= j < len(b)]
             moves = _merge(moves, min(cands, key=lambda j: probs[j]), mu)
             continue
