@@ -145,3 +145,21 @@ def test_rising_run_gets_the_relaxation_burnin_or_a_raised_gamma():
     assert nxt.localization == 40.0 and not checks.raises
     nxt, checks = decide(0.0, 2_000)  # nothing fits: stop, and say why
     assert nxt is None and "budget" in checks.cut_short
+
+
+def test_step_check_measures_the_step_size_bias_at_equal_diffusion_time():
+    """Regular model, λ = d/2 = 10, curvature nβ·h ≈ 1e3: ε = 1e-3 (εκ ≈ 1) is biased up and the ε/2 run over the same
+    diffusion time says so (and is closer to the truth); ε = 3e-4 passes the check."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 4, bias=False)
+    loader = teacher_loader(model, 20000, 200, 5)
+    kw = dict(num_chains=4, num_draws=400, localization=1.0, seed=0, step_check=True)
+    with pytest.warns(slt.StepSizeWarning, match="ε/2 over the same diffusion time"):
+        big = slt.estimate_llc(model, loader, mse, lr=1e-3, **kw)
+    chk = big.diagnostics.step_check
+    assert chk["moved"] and abs(chk["llc_at_half_lr"] - 10) < abs(chk["llc_at_lr"] - 10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ok = slt.estimate_llc(model, loader, mse, lr=3e-4, **kw)
+    assert not ok.diagnostics.step_check["moved"]
+    assert not any(issubclass(w.category, slt.StepSizeWarning) for w in caught)

@@ -84,6 +84,9 @@ class LLCConfig:
     ``model_mode``: the model is sampled in eval mode by default (dropout off, BatchNorm on its running statistics:
     the loss is then one deterministic function of w) and its modes are restored afterwards; ``"train"`` samples in
     train mode (dropout noise per chain and step; BatchNorm normalises by each minibatch).
+    ``step_check=True`` also runs half the chains (at least 2) at ε/2 for twice the steps (the same diffusion time
+    ε·steps, so unfinished relaxation cancels) and warns (:class:`StepSizeWarning`) when λ̂ moves by more than 5 %
+    and 3 standard errors: the step-size bias is then measurable (:func:`slt_tools.sampling.auto.step_size_check`).
     ``num_burnin_steps`` left as None is :func:`default_burnin` (min(4/(εγ), the sampling steps)) once ε and γ
     are known. ``budget_steps``/``budget_seconds``: the most the self-calibrating driver may spend on one estimate,
     in sequential
@@ -115,6 +118,7 @@ class LLCConfig:
     convergence_probe: bool | None = None
     budget_steps: int | None = None
     budget_seconds: float | None = None
+    step_check: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sampler_kwargs", MappingProxyType(dict(self.sampler_kwargs or {})))
@@ -165,7 +169,7 @@ class LLCConfig:
             raise ValueError(f"on_divergence must be 'raise' or 'exclude', got {self.on_divergence!r}")
         get_rule(self.sampler)  # unknown sampler: ValueError naming the registered ones
         rule_hyperparameters(self.sampler, 1.0, 1.0, 1.0, dict(self.sampler_kwargs))  # unknown sampler_kwargs
-        for name in ("vectorize", "compile"):
+        for name in ("vectorize", "compile", "step_check"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.localization == 0 and self.init_spread > 0:

@@ -267,6 +267,7 @@ class LLCDiagnostics(Record):
     overdispersed_llc_by_run_length: list[float] | None = None
     lr_reduced_after_divergence: list[dict[str, Any]] | None = None
     localization_raised: list[dict[str, Any]] | None = None
+    step_check: dict[str, Any] | None = None
     budget: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
