@@ -190,3 +190,46 @@ def test_compiled_refined_run_matches_eager():
     for name in eager:
         assert compiled[name].diagnostics.compiled, compiled[name].diagnostics.compile_error
         np.testing.assert_allclose(compiled[name].loss_trace, eager[name].loss_trace, rtol=1e-4, atol=1e-7)
+
+
+def test_refined_trajectory_is_resumable_and_equals_per_checkpoint_runs(tiny_lm, tmp_path):
+    """llc_trajectory(restrictions=heads): one batched unit per (checkpoint, chain block); per restriction a
+    Trajectory equal to estimate_refined_llc at each checkpoint; a rerun reads the store instead of sampling."""
+    model, loader = tiny_lm
+    gen = torch.Generator().manual_seed(4)
+    ckpts = [(s, {k: v + 0.05 * s * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()})
+             for s in (0, 10)]
+
+    def factory():
+        return Transformer(model.cfg)
+
+    calls = []
+
+    def counting_loss(m, batch):
+        calls.append(1)
+        return slt.losses.causal_lm(m, batch)
+
+    kw = dict(KW, num_draws=10)
+    store = tmp_path / "rllc.jsonl"
+    layer1 = lambda m: R.heads(m, layers=[1])  # noqa: E731 - a builder, called on each checkpoint's model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traj = slt.llc_trajectory(ckpts, factory, loader, counting_loss, results=store, restrictions=layer1,
+                                  chain_chunk_size=1, progress=False, **kw)
+        assert isinstance(traj, slt.trajectory.RefinedTrajectory) and traj.keys() == ["l1h0", "l1h1", "l1h2", "l1h3"]
+        m10 = factory()
+        m10.load_state_dict(ckpts[1][1])
+        direct = quiet(m10, loader, slt.losses.causal_lm, layer1(m10), **kw)
+        np.testing.assert_allclose(traj["l1h2"].llc_mean[1], direct["l1h2"].llc_mean, rtol=1e-5)
+        np.testing.assert_array_equal(traj["l1h2"].steps, [0, 10])
+        n_calls = len(calls)
+        again = slt.llc_trajectory(ckpts, factory, loader, counting_loss, results=store, restrictions=layer1,
+                                   chain_chunk_size=1, progress=False, **kw)
+        assert len(calls) == n_calls  # every unit came from the store
+        np.testing.assert_array_equal(again["l1h3"].llc_mean, traj["l1h3"].llc_mean)
+        back = slt.trajectory.RefinedTrajectory.from_store(store)
+        np.testing.assert_array_equal(back["l1h0"].llc_mean, traj["l1h0"].llc_mean)
+        assert len(back.rows()) == 2 * 4 and back.rows()[0]["restriction"] == "l1h0"
+        with pytest.raises(ValueError, match="different|differ|header|settings"):
+            slt.llc_trajectory(ckpts, factory, loader, counting_loss, results=store, restrictions=R.heads,
+                               chain_chunk_size=1, progress=False, **kw)
