@@ -88,6 +88,8 @@ class RefinedGroup:
 
 def _groups(model: nn.Module, loss_fn: LossFn, rs: dict[str, Restriction], device: torch.device
             ) -> list[RefinedGroup]:
+    """One :class:`RefinedGroup` per (set of touched parameters, d_r): its layout spans only those parameters, so
+    everything else of the model is a frozen, unbatched tensor under ``vmap``."""
     order = [n for n, _ in model.named_parameters()]
     groups = []
     for params, names in group_by_parameters(rs).items():
@@ -96,8 +98,9 @@ def _groups(model: nn.Module, loss_fn: LossFn, rs: dict[str, Restriction], devic
         theta0 = layout.flatten(model).to(device)
         loss_at = make_loss(model, layout, loss_fn)
         masks = flat_masks([rs[n] for n in names], layout.names, layout.shapes, device)
-        for d in dict.fromkeys(int(k) for k in masks.sum(1).tolist()):
-            rows = [i for i, k in enumerate(masks.sum(1).tolist()) if int(k) == d]
+        sizes = [int(k) for k in masks.sum(1).tolist()]
+        for d in dict.fromkeys(sizes):
+            rows = [i for i, k in enumerate(sizes) if k == d]
             index = torch.stack([masks[i].nonzero().squeeze(1) for i in rows])
             groups.append(RefinedGroup([names[i] for i in rows], layout, theta0, index, loss_at))
     return groups
