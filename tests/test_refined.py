@@ -233,3 +233,16 @@ def test_refined_trajectory_is_resumable_and_equals_per_checkpoint_runs(tiny_lm,
         with pytest.raises(ValueError, match="different|differ|header|settings"):
             slt.llc_trajectory(ckpts, factory, loader, counting_loss, results=store, restrictions=R.heads,
                                chain_chunk_size=1, progress=False, **kw)
+
+
+def test_unset_step_size_is_calibrated_once_on_the_whole_model():
+    """lr/localization left unset: calibrate_llc's choice for the whole model, used for every restriction."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    loader = teacher_loader(model, 2000, 100, 4)
+    rows = [R.from_spec(model, {"0.weight": (i,), "0.bias": [i]}, name=f"unit{i}") for i in range(2)]
+    res = quiet(model, loader, mse, rows, num_chains=2, num_draws=60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole = slt.calibrate_llc(model, loader, mse, num_chains=2, num_draws=60)
+    assert res.calibration["lr"] == whole.lr == res["unit1"].hyperparameters["lr"]
+    assert res.hyperparameters["localization"] == whole.localization
