@@ -1,7 +1,8 @@
 """slt_tools: singular learning theory tools for PyTorch.
 
 Public API (kept small and stable): LLC estimation (:func:`estimate_llc`, :func:`sample_llc`, :class:`LLCConfig`,
-:func:`calibrate_llc`), LLC over training (:func:`llc_trajectory`, :class:`LLCTracker`), developmental stages
+:func:`calibrate_llc`), refined LLCs of many restrictions in one batched run (:func:`estimate_refined_llc`,
+:class:`RefinedLLCResult`), LLC over training (:func:`llc_trajectory`, :class:`LLCTracker`), developmental stages
 (:func:`detect_stages`) and W&B logging (:class:`WandbLogger`). Submodules are reachable as attributes and imported on
 first use (``slt_tools.theory``, ``.symmetry``, ``.geometry``, ``.models``, ``.plots``, ``.sampling``, ``.stages``,
 ``.trajectory``, ``.logging``, ``.synthetic``, ``.cli``, ``.restrictions`` (per-head / per-layer parameter masks),
@@ -34,6 +35,8 @@ from slt_tools.sampling import (
     estimate_llc,
     sample_llc,
 )
+from slt_tools.sampling.refined import estimate_refined_llc
+from slt_tools.sampling.refined_result import RefinedLLCResult
 from slt_tools.stages import Stage, StageList, detect_stages
 from slt_tools.trajectory import (
     CheckpointError,
@@ -66,8 +69,8 @@ def __dir__() -> list[str]:
 __all__ = [
     "Calibration", "CalibrationError", "CheckpointError", "DivergenceWarning", "EssentialDynamics", "LLCConfig",
     "LLCDiagnostics", "LLCDivergenceError", "LLCResult", "LLCTracker", "LLCWarning", "LocalizationRaisedWarning",
-    "NegativeLLCWarning",
-    "NotConvergedWarning", "NotStationaryWarning", "SamplingFallbackWarning", "Stage", "StageList", "StepSizeWarning",
-    "Trajectory", "WandbLogger", "calibrate_llc", "combine_results", "detect_stages", "essential_dynamics",
-    "estimate_llc", "llc_trajectory", "log_schedule", "sample_llc", "save_checkpoint",
+    "NegativeLLCWarning", "NotConvergedWarning", "NotStationaryWarning", "RefinedLLCResult", "SamplingFallbackWarning",
+    "Stage", "StageList", "StepSizeWarning", "Trajectory", "WandbLogger", "calibrate_llc", "combine_results",
+    "detect_stages", "essential_dynamics", "estimate_llc", "estimate_refined_llc", "llc_trajectory", "log_schedule",
+    "sample_llc", "save_checkpoint",
 ]

@@ -19,6 +19,7 @@ from slt_tools.restrictions.core import (
     SPEC_HELP,
     Restriction,
     as_restriction,
+    collect,
     flat_masks,
     from_spec,
     group_by_parameters,
@@ -40,7 +41,7 @@ from slt_tools.restrictions.families import (
 )
 
 __all__ = [
-    "FAMILIES", "SPEC_HELP", "Family", "Restriction", "as_restriction", "attention_modules", "embeddings",
+    "FAMILIES", "SPEC_HELP", "Family", "Restriction", "as_restriction", "attention_modules", "collect", "embeddings",
     "family_of", "flat_masks", "from_spec", "group_by_parameters", "head", "heads", "layers", "mlps",
     "parameter_names", "partition", "register", "unembedding",
 ]

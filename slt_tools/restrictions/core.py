@@ -225,3 +225,29 @@ def as_restriction(model: nn.Module, restrict_to: Sequence[str] | Callable[[str]
         if not names:
             raise ValueError("restrict_to matched no parameter")
     return from_spec(model, dict.fromkeys(names if names is not None else list(restrict_to), True), name)
+
+
+def collect(restrictions: Mapping[str, Restriction] | Iterable[Restriction] | Restriction,
+            model: nn.Module | None = None, disjoint: bool = False) -> dict[str, Restriction]:
+    """Restrictions as ``{name: Restriction}``, checked: at least one, each a :class:`Restriction`, names unique
+    (and equal to their keys in a mapping), pairwise disjoint if ``disjoint`` (:func:`partition`), and — given
+    ``model`` — naming only its parameters with masks of their shapes. Every failure is a ``ValueError`` (callers
+    check before sampling)."""
+    if isinstance(restrictions, Restriction):
+        restrictions = [restrictions]
+    if isinstance(restrictions, Mapping):
+        for key, r in restrictions.items():
+            if isinstance(r, Restriction) and key != r.name:
+                raise ValueError(f"restriction {r.name!r} is stored under the key {key!r}: keys must be the names")
+    if disjoint:
+        out = partition(restrictions)
+    else:
+        out = {}
+        for r in _as_list(restrictions):
+            if r.name in out:
+                raise ValueError(f"two restrictions are named {r.name!r}")
+            out[r.name] = r
+    if model is not None:
+        for r in out.values():
+            r.validate(model)
+    return out

@@ -53,6 +53,23 @@ def batch_size_of(batch: Any) -> int:
     return sizes.pop()
 
 
+def _check_not_ragged(batches: list[tuple[list[Any], Any]]) -> None:
+    """Every batch's leaf i must have one shape after its leading (batch) axis: token batches of differing sequence
+    lengths cannot be stacked into one data set (``ValueError`` saying how to fix it, not a ``torch.cat`` error)."""
+    leaves, spec = batches[0]
+    keys = [str(k) for k in spec.context] if spec.type is dict and len(spec.context) == len(leaves) else []
+    for i in range(len(leaves)):
+        shapes = sorted({tuple(b[0][i].shape[1:]) for b in batches})
+        if len(shapes) > 1:
+            which = repr(keys[i]) if keys else f"tensor {i}"
+            raise ValueError(f"ragged batches: {which} has shapes {shapes} after the batch axis in different batches "
+                             "(e.g. token sequences of differing lengths); pad every sequence to one length and pass "
+                             "an attention_mask (1 = real token, 0 = padding)")
+        dtypes = {b[0][i].dtype for b in batches}
+        if len(dtypes) > 1:
+            raise ValueError(f"batches disagree on the dtype of tensor {i}: {sorted(map(str, dtypes))}")
+
+
 @dataclass
 class BatchStream:
     """An endless, seeded stream of minibatches plus the facts the estimator needs about the data.
@@ -114,6 +131,7 @@ class BatchStream:
         if len(specs) != 1:
             raise ValueError("the data loader yields batches of differing structure")
         spec = batches[0][1]
+        _check_not_ragged(batches)
         leaves = [torch.cat([b[0][i] for b in batches]).to(device) for i in range(len(batches[0][0]))]
         sizes = {x.shape[0] for x in leaves}
         if len(sizes) != 1:

@@ -82,6 +82,7 @@ def run_chains(
     progress: bool = False,
     init_spread: float = 0.0,
     fixed_shapes: bool = False,
+    noise_seeds: Sequence[int] | None = None,
 ) -> ChainOutput:
     """Run the chains ``chain_ids`` from w* = ``theta0`` (shape (D,)) and record the minibatch loss at each draw.
 
@@ -89,10 +90,14 @@ def run_chains(
     u_c ~ N(0, (init_spread²/γ)·I) drawn from each chain's own generator (one batch of the stream is used for the
     contraction check). ``fixed_shapes`` promises that every batch has the same structure and shapes (a cached data
     set): the step path may then specialise to it (:meth:`BatchedLossGrad.session`: a compiled step is pinned after
-    its first step). The loop does not know which path it drives."""
+    its first step). The loop does not know which path it drives.
+
+    ``theta0`` may also be (C, D), one centre per chain: a refined run samples each (restriction, chain) pair in its
+    restriction's own coordinates (:mod:`slt_tools.sampling.refined`), with the centres w*[idx_r] and the noise
+    streams ``noise_seeds`` (default: (seed, c) for chain c)."""
     device, dtype = theta0.device, theta0.dtype
-    C, D = len(chain_ids), theta0.numel()
-    draw_noise = NoisePool(chain_ids, seed, D, device, dtype)
+    C, D = len(chain_ids), theta0.shape[-1]
+    draw_noise = NoisePool(chain_ids, seed, D, device, dtype, seeds=noise_seeds)
 
     theta = theta0.expand(C, D).clone()
     sampler = make_sampler()

@@ -13,6 +13,7 @@ is 8·10⁻⁹); float64 chains get float64 uniforms.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Sequence
@@ -25,6 +26,16 @@ import torch
 def chain_seed(seed: int, chain: int) -> int:
     """Independent 63-bit seed for chain ``chain`` (numpy SeedSequence spawn keys)."""
     return int(np.random.SeedSequence(int(seed), spawn_key=(int(chain),)).generate_state(2, np.uint32)
+               .astype(np.uint64).dot([1, 2**32]) % (2**63 - 1))
+
+
+def restriction_chain_seed(seed: int, restriction: str, chain: int) -> int:
+    """Independent 63-bit seed for chain ``chain`` of the restriction named ``restriction`` in a refined run: a
+    SeedSequence spawn key (2³¹ + 1, 32-bit digest of the name, chain), disjoint from :func:`chain_seed`'s keys and
+    the data order's (2³¹,). A restriction's chains are a function of (seed, name, chain) alone, whichever other
+    restrictions are sampled beside it."""
+    digest = int.from_bytes(hashlib.sha256(restriction.encode()).digest()[:4], "little")
+    return int(np.random.SeedSequence(int(seed), spawn_key=(2**31 + 1, digest, int(chain))).generate_state(2, np.uint32)
                .astype(np.uint64).dot([1, 2**32]) % (2**63 - 1))
 
 
@@ -53,15 +64,16 @@ class NoisePool:
 
     One generator call per chain and block instead of per step removes most of the per-step overhead. The block
     length depends only on D (≤ 2^19 numbers per chain), so chain c's noise sequence is a function of (seed, c, D)
-    alone — not of how many chains run beside it. ``__call__`` gives a step's normals; ``indexed`` gives the uniforms
-    they are made from, for a compiled step to transform inside its graph.
+    alone — not of how many chains run beside it. ``seeds`` replaces the per-chain seeds (seed, c) by given ones (a
+    refined run seeds its (restriction, chain) pairs: :func:`restriction_chain_seed`). ``__call__`` gives a step's
+    normals; ``indexed`` gives the uniforms they are made from, for a compiled step to transform inside its graph.
     """
 
     #: fills of at least this many numbers run on two threads (numpy's generators release the GIL)
     THREADED_FILL = 2**20
 
     def __init__(self, chain_ids: Sequence[int], seed: int, dim: int, device: torch.device, dtype: torch.dtype,
-                 max_block_numel: int = 2**19, max_block: int = 64) -> None:
+                 max_block_numel: int = 2**19, max_block: int = 64, seeds: Sequence[int] | None = None) -> None:
         device = torch.device(device)
         self.dim = dim
         self.dtype = dtype
@@ -69,7 +81,10 @@ class NoisePool:
         width = 2 * ((dim + 1) // 2)
         udtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.uniforms = torch.empty(len(chain_ids), self.block, width, device=device, dtype=udtype)
-        seeds = [chain_seed(seed, c) for c in chain_ids]
+        if seeds is None:
+            seeds = [chain_seed(seed, c) for c in chain_ids]
+        elif len(seeds) != len(chain_ids):
+            raise ValueError(f"{len(seeds)} noise seeds for {len(chain_ids)} chains")
         on_cpu = device.type == "cpu"
         self._rngs = [np.random.Generator(np.random.PCG64DXSM(s)) for s in seeds] if on_cpu else []
         self._rows = [row.numpy().reshape(-1) for row in self.uniforms] if on_cpu else []  # views of the pool

@@ -39,6 +39,8 @@ from slt_tools.sampling.result import SamplingFallbackWarning
 from slt_tools.sampling.samplers import update
 
 LossAt = Callable[[torch.Tensor, Any], torch.Tensor]
+#: (θ_sub (C, d), context) ↦ θ (C, D): chains that move only some coordinates, embedded in the loss's flat vector
+Lift = Callable[[torch.Tensor, Any], torch.Tensor]
 StepOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 
 _WARNED: set[str] = set()
@@ -53,13 +55,34 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, SamplingFallbackWarning, stacklevel=3)
 
 
+def scatter_lift(theta: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """θ_c = w* with coordinates idx_c replaced by θ_sub[c]: ``context`` = (idx (C, d) long, w* (D,)).
+
+    Differentiable in θ_sub (the gradient is ∇L gathered at idx_c), out of place; the other D − d coordinates of
+    chain c are exactly w*'s."""
+    index, base = context
+    return base.expand(theta.shape[0], base.shape[-1]).scatter(1, index, theta)
+
+
+def _lifted(batched: LossAt, lift: Lift | None) -> LossAt:
+    """With a ``lift``, the step's batch is the pair (lift context, data batch) and θ is lifted before the loss."""
+    if lift is None:
+        return batched
+
+    def lifted(theta: torch.Tensor, batch: Any) -> torch.Tensor:
+        context, data = batch
+        return batched(lift(theta, context), data)
+
+    return lifted
+
+
 class VmapPath:
     """Per-chain losses and gradients through one ``vmap``-ed forward and one reverse pass."""
 
     name = "vmap"
 
-    def __init__(self, loss_at: LossAt) -> None:
-        self.batched = vmap(loss_at, in_dims=(0, None), randomness="different")
+    def __init__(self, loss_at: LossAt, lift: Lift | None = None) -> None:
+        self.batched = _lifted(vmap(loss_at, in_dims=(0, None), randomness="different"), lift)
 
     def __call__(self, theta: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.enable_grad():
@@ -74,13 +97,14 @@ class LoopPath:
 
     name = "loop"
 
-    def __init__(self, loss_at: LossAt) -> None:
+    def __init__(self, loss_at: LossAt, lift: Lift | None = None) -> None:
         self.loss_at = loss_at
+        self.batched = _lifted(lambda th, b: torch.stack([loss_at(th[c], b) for c in range(th.shape[0])]), lift)
 
     def __call__(self, theta: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.enable_grad():
             leaf = theta.detach().requires_grad_(True)
-            losses = torch.stack([self.loss_at(leaf[c], batch) for c in range(leaf.shape[0])])
+            losses = self.batched(leaf, batch)
             (grads,) = torch.autograd.grad(losses.sum(), leaf)
         return losses.detach(), grads
 
@@ -160,13 +184,17 @@ class CompiledPath:
 class BatchedLossGrad:
     """The step interface the engine drives, over the best path that works for this model (see module docstring).
 
+    With a ``lift`` (e.g. :func:`scatter_lift`) the chains' θ are (C, d) sub-vectors and each batch is a pair
+    (lift context, data batch): the loss is L_B(lift(θ, context)_c), its gradient taken with respect to θ.
+
     Attributes recorded for the result: ``vectorized``/``fallback_reason`` (vmap or loop), ``compiled``/
     ``compile_error`` (compiled or eager), ``pin_error`` (why a fixed-shape loop was not pinned, if it was not).
     """
 
-    def __init__(self, loss_at: LossAt, vectorize: bool = True, compile: bool = False) -> None:
-        self.eager: VmapPath | LoopPath = VmapPath(loss_at) if vectorize else LoopPath(loss_at)
-        self._loop = LoopPath(loss_at)
+    def __init__(self, loss_at: LossAt, vectorize: bool = True, compile: bool = False, lift: Lift | None = None
+                 ) -> None:
+        self.eager: VmapPath | LoopPath = VmapPath(loss_at, lift) if vectorize else LoopPath(loss_at, lift)
+        self._loop = LoopPath(loss_at, lift)
         self.fallback_reason: str | None = None if vectorize else "vectorize=False"
         self.compile_error: str | None = None
         self.compiled_path: CompiledPath | None = CompiledPath(self.eager) if (

@@ -7,10 +7,11 @@ from slt_tools.trajectory.checkpoints import (
     read_checkpoint,
     save_checkpoint,
 )
+from slt_tools.trajectory.refined import RefinedTrajectory
 from slt_tools.trajectory.store import ResultsStore, StoreError, read_store
 from slt_tools.trajectory.sweep import Trajectory, llc_trajectory
 from slt_tools.trajectory.tracker import LLCTracker, log_schedule
 
-__all__ = ["CheckpointError", "LLCTracker", "ResultsStore", "StoreError", "Trajectory", "discover_checkpoints",
-           "find_checkpoints", "llc_trajectory", "load_into", "log_schedule", "read_checkpoint", "read_store",
-           "save_checkpoint"]
+__all__ = ["CheckpointError", "LLCTracker", "RefinedTrajectory", "ResultsStore", "StoreError", "Trajectory",
+           "discover_checkpoints", "find_checkpoints", "llc_trajectory", "load_into", "log_schedule", "read_checkpoint",
+           "read_store", "save_checkpoint"]

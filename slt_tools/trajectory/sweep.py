@@ -13,24 +13,29 @@ all of them are reported together at the end (``Trajectory.skipped``).
 """
 from __future__ import annotations
 
-import csv
 import os
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slt_tools.files import atomic_write
+from slt_tools.restrictions.core import Restriction, collect
 from slt_tools.sampling import LLCConfig, LLCResult, combine_results, estimate_llc
+from slt_tools.sampling.refined import estimate_refined_llc
+from slt_tools.sampling.refined_result import RefinedLLCResult, combine_refined_results
 from slt_tools.trajectory.arguments import check_int, check_llc_kwargs, store_header
 from slt_tools.trajectory.checkpoints import CheckpointError, CheckpointRef, find_checkpoints, load_into
+from slt_tools.trajectory.refined import RefinedTrajectory
 from slt_tools.trajectory.store import ResultsStore, StoreError
+from slt_tools.trajectory.trajectory import Trajectory
+
+#: ``restrictions=`` of a refined sweep: fixed restrictions, or a builder called on each checkpoint's model
+RestrictionsArg = Mapping[str, Restriction] | Sequence[Restriction] | Callable[[nn.Module], Any] | None
 
 #: how a sweep's summary names each warning class (grouped by class, never by wording)
 WARNING_LABELS = {
@@ -47,86 +52,6 @@ WARNING_LABELS = {
 def _warning_kind(category: str) -> str:
     """Label of an estimator warning class, to group them over a sweep."""
     return WARNING_LABELS.get(category, category)
-
-
-@dataclass
-class Trajectory:
-    """LLC estimates along training, sorted by step. ``loss`` is L_n(w*) at each checkpoint."""
-
-    steps: np.ndarray
-    llc_mean: np.ndarray
-    llc_std: np.ndarray
-    llc_sem: np.ndarray
-    loss: np.ndarray
-    results: list[LLCResult] = field(default_factory=list)
-    checkpoint_ids: list[str] = field(default_factory=list)
-    metrics: list[dict[str, float]] = field(default_factory=list)  # extra per-checkpoint statistics (``metrics=``)
-    skipped: dict[str, str] = field(default_factory=dict)  # checkpoint -> why it was skipped (``on_error="skip"``)
-
-    @classmethod
-    def from_results(cls, items: Sequence[tuple[int, str, LLCResult]],
-                     metrics: dict[str, dict[str, float]] | None = None) -> Trajectory:
-        items = sorted(items, key=lambda t: (t[0], t[1]))
-        res = [r for _, _, r in items]
-        metrics = metrics or {}
-        return cls(steps=np.array([s for s, _, _ in items], dtype=np.int64),
-                   llc_mean=np.array([r.llc_mean for r in res]), llc_std=np.array([r.llc_std for r in res]),
-                   llc_sem=np.array([r.llc_sem for r in res]), loss=np.array([r.init_loss for r in res]),
-                   results=res, checkpoint_ids=[c for _, c, _ in items],
-                   metrics=[metrics.get(c, {}) for _, c, _ in items])
-
-    @classmethod
-    def from_store(cls, path: str | Path) -> Trajectory:
-        """Rebuild a trajectory from a results store (only checkpoints whose every chain block is finished).
-
-        Tolerates what an interrupted or repeated sweep leaves behind (see :mod:`slt_tools.trajectory.store`);
-        raises :class:`StoreError` naming the file for anything it cannot read unambiguously."""
-        config, units = ResultsStore.read_units(path)
-        try:
-            wanted = set(range(int(config["llc"]["num_chains"])))
-        except (KeyError, TypeError, ValueError):
-            raise StoreError(f"{path}: the store header has no llc.num_chains setting") from None
-        by_ckpt: dict[str, list[dict]] = {}
-        metrics: dict[str, dict[str, float]] = {}
-        for u in units:
-            by_ckpt.setdefault(u["checkpoint"], []).append(u)
-            if u.get("metrics"):
-                metrics[u["checkpoint"]] = u["metrics"]
-        items = []
-        for ckpt, us in by_ckpt.items():
-            chains = [c for u in us for c in u["chains"]]
-            if len(chains) != len(set(chains)):
-                raise StoreError(f"{path}: checkpoint {ckpt!r} has overlapping chain blocks "
-                                 f"{sorted(tuple(u['chains']) for u in us)}; the store mixes chunkings")
-            if set(chains) == wanted:
-                parts = [LLCResult.from_dict(u["result"]) for u in us]
-                items.append((us[0]["step"], ckpt, combine_results(parts, on_divergence="exclude", warn=False)))
-        return cls.from_results(items, metrics)
-
-    def __len__(self) -> int:
-        return len(self.steps)
-
-    def rows(self) -> list[dict[str, Any]]:
-        return [{"step": int(s), "checkpoint": c, "llc_mean": float(m), "llc_std": float(d), "llc_sem": float(e),
-                 "loss": float(lo)} for s, c, m, d, e, lo in zip(self.steps, self.checkpoint_ids, self.llc_mean,
-                                                                 self.llc_std, self.llc_sem, self.loss)]
-
-    def to_dataframe(self):  # pragma: no cover - thin pandas wrapper
-        """The trajectory as a pandas DataFrame (pandas imported lazily; install it to use this)."""
-        import pandas as pd
-
-        return pd.DataFrame(self.rows())
-
-    def to_csv(self, path: str | Path) -> Path:
-        """Write step, checkpoint, llc_mean, llc_std, llc_sem, loss as CSV (atomically)."""
-        def write(f: Any) -> None:
-            writer = csv.DictWriter(f, fieldnames=["step", "checkpoint", "llc_mean", "llc_std", "llc_sem", "loss"])
-            writer.writeheader()
-            writer.writerows(self.rows())
-
-        path = Path(path)
-        atomic_write(path, write, newline="")
-        return path
 
 
 def _dist() -> tuple[int, int, bool]:
@@ -220,6 +145,23 @@ class _Sweep:
     notes_by_step: dict[int, list[str]] = field(default_factory=dict)
     bar: Any = None
     llc_config: LLCConfig = field(default_factory=LLCConfig)
+    restrictions: RestrictionsArg = None  # a refined sweep: every unit is one batched run over these
+
+    @property
+    def refined(self) -> bool:
+        return self.restrictions is not None
+
+    def estimate(self, model: nn.Module, block: tuple[int, ...], kw: dict[str, Any]) -> LLCResult | RefinedLLCResult:
+        """The unit's estimate: whole-model, or every restriction in one batched refined run."""
+        if not self.refined:
+            return estimate_llc(model, self.loader, self.loss_fn, self.llc_config, chain_ids=list(block),
+                                progress=False, **kw)
+        rs = self.restrictions(model) if callable(self.restrictions) else self.restrictions
+        return estimate_refined_llc(model, self.loader, self.loss_fn, rs, self.llc_config, chain_ids=list(block),
+                                    progress=False, **kw)
+
+    def parse(self, d: dict[str, Any]) -> LLCResult | RefinedLLCResult:
+        return RefinedLLCResult.from_dict(d) if self.refined else LLCResult.from_dict(d)
 
     def note(self, step: int, category: str) -> None:
         kinds, kind = self.notes_by_step.setdefault(step, []), _warning_kind(category)
@@ -239,8 +181,7 @@ class _Sweep:
             kw = {k: v for k, v in self.llc_kwargs.items() if k == "device"}
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                res = estimate_llc(model, self.loader, self.loss_fn, self.llc_config, chain_ids=list(block),
-                                   progress=False, **kw)
+                res = self.estimate(model, block, kw)
             out = res.to_dict()
             out["_warnings"] = [w.category.__name__ for w in caught if issubclass(w.category, RuntimeWarning)]
             if self.metrics_fn is not None and block[0] == 0:
@@ -270,7 +211,7 @@ class _Sweep:
             self.extra_by_id[cid] = extra
         if self.store is not None:
             self.store.append(cid, ref.step, block, d, metrics=extra)
-        self.finished.setdefault(cid, []).append(LLCResult.from_dict(d))
+        self.finished.setdefault(cid, []).append(self.parse(d))
         if len(self.finished[cid]) != len(self.blocks):
             return
         try:
@@ -288,12 +229,18 @@ class _Sweep:
             self.bar.update(1)
             if self.progress:
                 flags = self.notes_by_step.get(ref.step)
-                tqdm.write(f"step {ref.step}: λ̂ = {res.llc_mean:.4g} ± {res.llc_std:.2g}  "
-                           f"(L_n(w*) = {res.init_loss:.4g})" + (f"  [{'; '.join(flags)}]" if flags else ""))
-            if self.logger is not None and hasattr(self.logger, "log_trajectory_point"):
+                what = (f"λ̂ = {res.llc_mean:.4g} ± {res.llc_std:.2g}" if not self.refined else
+                        "λ̂_r = " + ", ".join(f"{k} {v:.3g}" for k, v in list(res.llc_means.items())[:6])
+                        + (", …" if len(res) > 6 else ""))
+                tqdm.write(f"step {ref.step}: {what}  (L_n(w*) = {res.init_loss:.4g})"
+                           + (f"  [{'; '.join(flags)}]" if flags else ""))
+            if self.logger is not None and hasattr(self.logger, "log_trajectory_point") and not self.refined:
                 self.logger.log_trajectory_point(ref.step, res, metrics=self.extra_by_id.get(cid))
 
-    def combine(self, cid: str, warn: bool = False) -> LLCResult:
+    def combine(self, cid: str, warn: bool = False) -> LLCResult | RefinedLLCResult:
+        if self.refined:
+            return combine_refined_results(self.finished[cid], on_divergence=self.llc_config.on_divergence,
+                                           warn=warn)
         return combine_results(self.finished[cid], on_divergence=self.llc_config.on_divergence,
                                warn=warn)
 
@@ -359,6 +306,17 @@ def _check_sweep_args(on_error: str, chain_chunk_size: int | None, llc_kwargs: d
     return check_llc_kwargs(llc_kwargs, reserved=("chain_ids", "logger", "chain_chunk_size"))
 
 
+def _check_restrictions(restrictions: RestrictionsArg, model_factory: Callable[[], nn.Module]
+                        ) -> dict[str, Any] | None:
+    """The restrictions of a refined sweep as its store header records them (name → coordinate counts), checked
+    against a fresh model before any file is touched (``ValueError`` as for :func:`estimate_refined_llc`)."""
+    if restrictions is None:
+        return None
+    model = model_factory()
+    rs = collect(restrictions(model) if callable(restrictions) else restrictions, model)
+    return {name: r.to_dict() for name, r in rs.items()}
+
+
 def llc_trajectory(
     checkpoints: str | Path | Iterable[Any],
     model_factory: Callable[[], nn.Module],
@@ -371,8 +329,9 @@ def llc_trajectory(
     chain_chunk_size: int | None = None,
     logger: Any = None,
     metrics: Callable[[nn.Module], dict[str, float]] | None = None,
+    restrictions: RestrictionsArg = None,
     **llc_kwargs: Any,
-) -> Trajectory:
+) -> Trajectory | RefinedTrajectory:
     """Estimate the LLC at every checkpoint; see the module docstring for resume and scale-out semantics.
 
     Args:
@@ -388,10 +347,16 @@ def llc_trajectory(
         logger: object with ``log_trajectory_point(step, result, metrics)`` (e.g. ``WandbLogger``), called on rank 0.
         metrics: optional ``model -> {name: value}`` evaluated once per checkpoint beside the LLC and stored with it,
             e.g. ``lambda m: slt_tools.geometry.hessian_summary(m, loader, loss_fn)`` for sharpness and trace.
+        restrictions: refined LLCs instead (:func:`slt_tools.estimate_refined_llc`): ``{name: Restriction}``, a
+            list, or a builder ``model -> restrictions`` (e.g. ``slt_tools.restrictions.heads``) called on each
+            checkpoint's model. Each unit (checkpoint, chain block) is one batched run over every restriction; the
+            store's header records the restrictions; the result is a :class:`RefinedTrajectory` (a ``Trajectory``
+            per restriction). The logger is not called for refined sweeps.
         **llc_kwargs: passed to :func:`slt_tools.estimate_llc` (num_chains, num_draws, lr, localization, seed, ...);
             checked before any file is touched.
     """
     llc_config = _check_sweep_args(on_error, chain_chunk_size, llc_kwargs)
+    header_restrictions = _check_restrictions(restrictions, model_factory)
     refs, failed = find_checkpoints(checkpoints)
     if failed and on_error == "raise":
         raise CheckpointError(next(iter(failed.values())))
@@ -410,10 +375,13 @@ def llc_trajectory(
             if dev is not None:
                 llc_kwargs["device"] = dev
         config = store_header(llc_config, chain_chunk_size=chunk)
+        if header_restrictions is not None:
+            config["restrictions"] = header_restrictions
         store, done = _open_store(results, config, rank, world)
         try:
             sweep = _Sweep(refs, blocks, model_factory, loader, loss_fn, llc_kwargs, on_error, metrics, logger,
-                           progress, rank, world, store, failed=dict(failed), llc_config=llc_config)
+                           progress, rank, world, store, failed=dict(failed), llc_config=llc_config,
+                           restrictions=restrictions)
             traj = _run_sweep(sweep, done, len(refs) + len(failed))
             clean = True
             return traj
@@ -424,13 +392,14 @@ def llc_trajectory(
         _close_dist(owned, clean)
 
 
-def _run_sweep(sweep: _Sweep, done: set[tuple[str, tuple[int, ...]]], total: int) -> Trajectory:
+def _run_sweep(sweep: _Sweep, done: set[tuple[str, tuple[int, ...]]], total: int
+               ) -> Trajectory | RefinedTrajectory:
     refs, blocks, store = sweep.refs, sweep.blocks, sweep.store
     ids = {r.id for r in refs}
     if store is not None:
         for (cid, _), rec in store.units.items():
             if cid in ids:
-                sweep.finished.setdefault(cid, []).append(LLCResult.from_dict(rec["result"]))
+                sweep.finished.setdefault(cid, []).append(sweep.parse(rec["result"]))
                 if rec.get("metrics"):
                     sweep.extra_by_id[cid] = rec["metrics"]
     units = [(ref, block) for ref in refs for block in blocks if (ref.id, block) not in done]
@@ -456,6 +425,6 @@ def _run_sweep(sweep: _Sweep, done: set[tuple[str, tuple[int, ...]]], total: int
             sweep.failed[ref.id] = f"{ref.path or ref.id}: {type(exc).__name__}: {exc}"
     if not items:
         raise CheckpointError("no checkpoint could be evaluated: " + "; ".join(sweep.failed.values()))
-    traj = Trajectory.from_results(items, sweep.extra_by_id)
+    traj = (RefinedTrajectory if sweep.refined else Trajectory).from_results(items, sweep.extra_by_id)
     traj.skipped = dict(sweep.failed)
     return traj
