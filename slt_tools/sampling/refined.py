@@ -291,7 +291,7 @@ def estimate_refined_llc(model: nn.Module, loader: Any, loss_fn: LossFn, restric
             calibration = calibrate(LLCProblem.build(model, loader, loss_fn, None, device), config)
             config = config.replace(lr=calibration.lr, localization=calibration.localization,
                                     num_draws=max(config.num_draws, calibration.num_draws),
-                                    num_burnin_steps=max(config.num_burnin_steps, calibration.num_burnin_steps))
+                                    num_burnin_steps=max(config.num_burnin_steps or 0, calibration.num_burnin_steps))
         result = sample_refined(problem, config, chain_ids=chain_ids, progress=progress)
     result.calibration = calibration.to_dict() if calibration is not None else None
     return result
