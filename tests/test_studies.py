@@ -40,6 +40,8 @@ def test_dln_staircase_quick(offline):
     assert all(m is not None for m in medians) and medians == sorted(medians), summary["plateaus"]
     for row in summary["plateaus"][1:]:
         assert abs(row["rel_error"]) <= 0.2, row
+    final = summary["self_calibrated"][-1]  # the self-calibrating path at the exact minimum: λ(4) = 32 (issue 16)
+    assert final["rank"] == 4 and abs(final["rel_error"]) <= 0.05 and final["converged"], final
     assert (out / "report.md").exists() and (out / "figures" / "stages.png").stat().st_size > 10_000
     assert list((offline / "wandb").glob("offline-run-*/*.wandb"))
     t0 = time.perf_counter()  # a second run reuses the checkpoints and the results store
