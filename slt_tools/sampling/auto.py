@@ -158,13 +158,14 @@ class _Checks:
     calibrated_gamma: float = 1.0
 
     def settled(self, result: LLCResult, problem: LLCProblem, config: LLCConfig) -> bool:
-        """Stationary, not moved by the longer run, and (if enabled) met by the overdispersed probe."""
+        """Stationary, not moved by the longer run, and (if enabled) met by the overdispersed probe — run only when the
+        other checks pass."""
         self.history.append(result.llc_mean)
         ok = bool(result.diagnostics.stationary)
         if self.previous is not None:
             gap = abs(result.llc_mean - self.previous[0])
             ok = ok and gap <= max(0.1 * abs(result.llc_mean), 3 * math.hypot(result.llc_sem, self.previous[1]))
-        if config.probe_enabled:
+        if config.probe_enabled and ok:  # a run already failing is extended anyway: its probe would be wasted
             steps = _run_steps(config)
             if not self.budget.allows(steps):
                 self.cut_short = f"the overdispersed probe ({steps} steps) did not fit the budget"
