@@ -156,6 +156,7 @@ class _Checks:
     extensions: int = 0
     cut_short: str | None = None
     calibrated_gamma: float = 1.0
+    probed_last: bool = False
 
     def settled(self, result: LLCResult, problem: LLCProblem, config: LLCConfig) -> bool:
         """Stationary, not moved by the longer run, and (if enabled) met by the overdispersed probe — run only when the
@@ -165,18 +166,26 @@ class _Checks:
         if self.previous is not None:
             gap = abs(result.llc_mean - self.previous[0])
             ok = ok and gap <= max(0.1 * abs(result.llc_mean), 3 * math.hypot(result.llc_sem, self.previous[1]))
+        self.probed_last = False
         if config.probe_enabled and ok:  # a run already failing is extended anyway: its probe would be wasted
-            steps = _run_steps(config)
-            if not self.budget.allows(steps):
-                self.cut_short = f"the overdispersed probe ({steps} steps) did not fit the budget"
+            if not self.probe(problem, result, config):
                 return False
-            self.status.say(f"overdispersed probe, γ={config.localization:g}")
-            t0 = time.perf_counter()
-            self.probes.append(overdispersed_probe(problem, result, config))
-            self.budget.charge(steps, time.perf_counter() - t0)
-            self.status.advance(steps)
             ok = ok and self.probes[-1].agrees
         return ok
+
+    def probe(self, problem: LLCProblem, result: LLCResult, config: LLCConfig) -> bool:
+        """Run the overdispersed probe on ``result`` if the budget holds it (False, and the reason, otherwise)."""
+        steps = _run_steps(config)
+        if not self.budget.allows(steps):
+            self.cut_short = f"the overdispersed probe ({steps} steps) did not fit the budget"
+            return False
+        self.status.say(f"overdispersed probe, γ={config.localization:g}")
+        t0 = time.perf_counter()
+        self.probes.append(overdispersed_probe(problem, result, config))
+        self.budget.charge(steps, time.perf_counter() - t0)
+        self.status.advance(steps)
+        self.probed_last = True
+        return True
 
 
 def _run_with_step_down(problem: LLCProblem, config: LLCConfig, checks: _Checks, may_step_down: bool,
@@ -318,6 +327,10 @@ def _checked_run(problem: LLCProblem, config: LLCConfig, calib: Calibration | No
             if nxt.localization == config.localization:
                 checks.previous = (result.llc_mean, result.llc_sem)
             config = nxt
+    if not settled and config.probe_enabled and not checks.probed_last and not checks.cut_short:
+        with warnings.catch_warnings():  # the final, unconverged run gets its probe too: a record for the reader
+            warnings.simplefilter("ignore")
+            checks.probe(problem, result, config)
     _record(result, checks, calib, settled, budget)
     if not settled:
         warnings.warn(_not_converged_message(result, checks, [c.to_dict() for c in pilot], config.num_draws),
