@@ -195,10 +195,60 @@ def detector(seeds: list[int], out: dict, which: str) -> None:
                                     "sgld_lr": lr, "total_wall_s": time.perf_counter() - t0})
 
 
+class Monomial(torch.nn.Module):
+    """L(w) = Π_j w_j^{2k_j} (w* = 0), the loss ignores the data."""
+
+    def __init__(self, k: tuple[int, ...]) -> None:
+        super().__init__()
+        self.register_buffer("k", torch.tensor(k, dtype=torch.float32))
+        self.w = torch.nn.Parameter(torch.zeros(len(k)))
+
+    def forward(self, x: Any = None) -> torch.Tensor:
+        return torch.prod(self.w ** (2 * self.k))
+
+
+def steep(seeds: list[int], out: dict) -> None:
+    """w⁴ and w⁶ at n = 1000 (nβ = n/log n), γ = 1, 32 chains: SGLD at the Stein step (:func:`stein_step_size`,
+    c = 0.1) for 10/ε steps (a fifth of them burn-in), and the default self-calibrated path, per seed, against
+    :func:`slt_tools.theory.finite_nbeta_monomial_llc`."""
+    from slt_tools.sampling.degenerate import stein_step_size
+    from slt_tools.theory import finite_nbeta_monomial_llc
+
+    loader = DataLoader(TensorDataset(torch.zeros(1000, 1)), batch_size=100)
+    nbeta = 1000 / math.log(1000)
+
+    def loss(m: Any, b: Any) -> torch.Tensor:
+        return m()
+
+    for k in ((2,), (3,)):
+        target = finite_nbeta_monomial_llc(k, nbeta, 1.0)
+        for seed in seeds:
+            t0 = time.perf_counter()
+            rule = stein_step_size(Monomial(k), loader, loss, localization=1.0, seed=seed)
+            steps = int(round(10 / rule["lr"]))
+            res = slt.estimate_llc(Monomial(k), loader, loss, lr=rule["lr"], localization=1.0, num_chains=32,
+                                   num_draws=steps - steps // 5, num_burnin_steps=steps // 5, seed=seed)
+            wall = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            dflt = slt.estimate_llc(Monomial(k), loader, loss, num_chains=32, num_draws=1000, seed=seed)
+            _emit(out, "steep", {"k": list(k), "seed": seed, "method": "sgld_stein_step", "target": target,
+                                 "llc": res.llc_mean, "sem": res.llc_sem, "rel_error": res.llc_mean / target - 1,
+                                 "lr": rule["lr"], "mean_curvature": rule["mean_curvature"], "steps": steps,
+                                 "wall_s": wall, "default_llc": dflt.llc_mean,
+                                 "default_rel_error": dflt.llc_mean / target - 1,
+                                 "default_lr": dflt.hyperparameters["lr"], "default_wall_s": time.perf_counter() - t1})
+
+
 def _emit(out: dict, key: str, row: dict) -> None:
-    out.setdefault(key, [])
-    out[key] = [r for r in out[key] if not _same(r, row)] + [row]
+    """Print ``row`` and merge it into the output file, re-read first (several phases may run at once)."""
     print(json.dumps(row, default=float), flush=True)
+    disk = json.loads(_OUT[0].read_text()) if _OUT[0].exists() else {}
+    for k, v in out.items():
+        if not isinstance(v, list):
+            disk[k] = {**disk.get(k, {}), **v} if isinstance(v, dict) else v
+    disk[key] = [r for r in disk.get(key, []) if not _same(r, row)] + [row]
+    out.clear()
+    out.update(disk)
     _save(out)
 
 
@@ -238,9 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.phase in ("detector", "all"):
         detector(seeds, out, args.detector_cases)
     if args.phase in ("steep", "all"):
-        from degenerate_steep import steep
-
-        steep(seeds, out, _emit)
+        steep(seeds, out)
     return 0
 
 
