@@ -13,6 +13,9 @@ Aoyagi's global λ, ``slt_tools.theory.dln_learning_coefficient``): ``deg_a`` = 
 * ``sgld_long``: the same step, 8× the steps (is it slow relaxation?);
 * ``rmsprop_sgld``: RMSProp-SGLD (α = 0.99, δ = 0.1), ε = calibrated/10 (G ≈ 1/δ = 10 at w*), 8× the steps;
 * ``uld``: underdamped Langevin with :func:`slt_tools.sampling.degenerate.uld_settings` (the proposal);
+* ``uld_capped``: the same, capped at 30 000 steps (``deg_b``: the full run takes ~10⁵ steps);
+* ``uld_exact_gradient``: the same rule and settings on the exact full-data potential (closed form for a DLN with
+  squared error: no minibatch noise) — separates the sampler's dynamics from SGHMC's minibatch heating;
 * ``uld_gamma10``: the same at γ = 10 (does a larger γ swamp the degenerate directions?);
 * ``uld_slope``: the multi-temperature slope of E_t[L_n − L_n(w*)] against 1/t over t = nβ·{½, 1, 2} (ULD chains).
 
@@ -115,6 +118,53 @@ def slope_fit(model, loader, nbeta: float, chains: int, **kw) -> dict[str, Any]:
             "llc_by_nbeta": {f"{t:.1f}": e * t for t, e in zip(ts, ek)}}
 
 
+def exact_gradient_uld(model: DeepLinearNetwork, loader: DataLoader, chains: int, seed: int = 0,
+                       **uld_kwargs: Any) -> dict[str, Any]:
+    """The ``uld`` rule (registry update, :func:`uld_settings`' ε, ζ and lengths) on the DLN's exact full-data
+    potential: L_n(w) = tr(Δ Σ̂ Δᵀ)/H_L with Δ = W_L⋯W_1 − P*, Σ̂ = XᵀX/n (mean-squared error, noise-free y = P*x) —
+    the sampler's dynamics without minibatch noise, float64, chains batched."""
+    from slt_tools.sampling.rules import RULES
+
+    x = loader.dataset.tensors[0].double()
+    sigma = x.T @ x / x.shape[0]
+    shapes = [tuple(layer.weight.shape) for layer in model.layers]
+    theta0 = torch.cat([layer.weight.detach().double().reshape(-1) for layer in model.layers])
+
+    def product(theta: torch.Tensor) -> torch.Tensor:
+        out, i = None, 0
+        for o, k in shapes:
+            w = theta[:, i:i + o * k].reshape(-1, o, k)
+            i += o * k
+            out = w if out is None else w @ out
+        return out
+
+    p_star = product(theta0[None])[0]
+
+    def loss_grad(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        theta = theta.detach().requires_grad_(True)
+        d = product(theta) - p_star
+        loss = torch.einsum("cij,jk,cik->c", d, sigma, d) / shapes[-1][0]
+        return loss.detach(), torch.autograd.grad(loss.sum(), theta)[0]
+
+    cfg = uld_settings(model, loader, mse, **uld_kwargs)
+    hp = {"lr": cfg["lr"], "nbeta": cfg["nbeta"], "localization": cfg["localization"], **cfg["sampler_kwargs"]}
+    gen = torch.Generator().manual_seed(seed)
+    theta = theta0.expand(chains, -1).clone()
+    rule = RULES["uld"]
+    state = rule.init(theta, torch.randn(theta.shape, generator=gen, dtype=torch.float64), hp)
+    total, trace = cfg["num_burnin_steps"] + cfg["num_draws"], []
+    for t in range(total):
+        loss, grad = loss_grad(theta)
+        if t >= cfg["num_burnin_steps"]:
+            trace.append(loss)
+        theta, state = rule.update(theta, theta0, grad, torch.randn(theta.shape, generator=gen,
+                                                                     dtype=torch.float64), state, hp)
+    per_chain = cfg["nbeta"] * torch.stack(trace, 1).mean(1)
+    return {"llc": float(per_chain.mean()), "sem": float(per_chain.std() / math.sqrt(chains)), "lr": cfg["lr"],
+            "num_burnin_steps": cfg["num_burnin_steps"], "num_draws": cfg["num_draws"],
+            "sampler_kwargs": cfg["sampler_kwargs"]}
+
+
 def point_methods(name: str, methods: list[str], out: dict) -> None:
     widths, rank, n, lr = POINTS[name]
     model, loader = degenerate_point(widths, rank, n)
@@ -137,6 +187,16 @@ def point_methods(name: str, methods: list[str], out: dict) -> None:
         elif method in ("uld", "uld_gamma10"):
             gamma = 10.0 if method == "uld_gamma10" else 1.0
             cfg = uld_settings(model, loader, mse, localization=gamma, draw_time=6.0 if name == "deg_a" else 3.0)
+            res = estimate_llc_degenerate(model, loader, mse, num_chains=chains, settings=cfg)
+            extra = {k: cfg[k] for k in ("lr", "num_burnin_steps", "num_draws", "sampler_kwargs", "localization")}
+        elif method == "uld_exact_gradient":
+            fit = exact_gradient_uld(model, loader, chains, draw_time=6.0 if name == "deg_a" else 3.0)
+            llc = fit.pop("llc")
+            _emit(out, "points", {"point": name, "method": method, "llc": llc, "sem": fit.pop("sem"), "truth": truth,
+                                  "rel_error": (llc - truth) / truth, "wall_s": time.perf_counter() - t0, **fit})
+            continue
+        elif method == "uld_capped":
+            cfg = uld_settings(model, loader, mse, localization=1.0, draw_time=3.0, max_steps=30_000)
             res = estimate_llc_degenerate(model, loader, mse, num_chains=chains, settings=cfg)
             extra = {k: cfg[k] for k in ("lr", "num_burnin_steps", "num_draws", "sampler_kwargs", "localization")}
         elif method == "uld_slope":
