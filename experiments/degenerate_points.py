@@ -16,6 +16,7 @@ Aoyagi's global λ, ``slt_tools.theory.dln_learning_coefficient``): ``deg_a`` = 
 * ``uld_capped``: the same, capped at 30 000 steps (``deg_b``: the full run takes ~10⁵ steps);
 * ``uld_exact_gradient``: the same rule and settings on the exact full-data potential (closed form for a DLN with
   squared error: no minibatch noise) — separates the sampler's dynamics from SGHMC's minibatch heating;
+  ``uld_exact_gradient_b<m>``: the same with Σ_B of m fresh rows per step (minibatch noise of batch size m);
 * ``uld_gamma10``: the same at γ = 10 (does a larger γ swamp the degenerate directions?);
 * ``uld_slope``: the multi-temperature slope of E_t[L_n − L_n(w*)] against 1/t over t = nβ·{½, 1, 2} (ULD chains).
 
@@ -119,10 +120,12 @@ def slope_fit(model, loader, nbeta: float, chains: int, **kw) -> dict[str, Any]:
 
 
 def exact_gradient_uld(model: DeepLinearNetwork, loader: DataLoader, chains: int, seed: int = 0,
-                       **uld_kwargs: Any) -> dict[str, Any]:
+                       batch: int | None = None, **uld_kwargs: Any) -> dict[str, Any]:
     """The ``uld`` rule (registry update, :func:`uld_settings`' ε, ζ and lengths) on the DLN's exact full-data
     potential: L_n(w) = tr(Δ Σ̂ Δᵀ)/H_L with Δ = W_L⋯W_1 − P*, Σ̂ = XᵀX/n (mean-squared error, noise-free y = P*x) —
-    the sampler's dynamics without minibatch noise, float64, chains batched."""
+    the sampler's dynamics without minibatch noise, float64, chains batched. With ``batch`` = m the gradient uses
+    Σ_B = X_Bᵀ X_B/m of m rows drawn afresh each step (shared by the chains, as in the library): the same potential
+    with minibatch noise of batch size m, to measure the heating against m."""
     from slt_tools.sampling.rules import RULES
 
     x = loader.dataset.tensors[0].double()
@@ -141,9 +144,13 @@ def exact_gradient_uld(model: DeepLinearNetwork, loader: DataLoader, chains: int
     p_star = product(theta0[None])[0]
 
     def loss_grad(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cov = sigma
+        if batch is not None:
+            rows = x[torch.randint(0, x.shape[0], (batch,), generator=gen)]
+            cov = rows.T @ rows / batch
         theta = theta.detach().requires_grad_(True)
         d = product(theta) - p_star
-        loss = torch.einsum("cij,jk,cik->c", d, sigma, d) / shapes[-1][0]
+        loss = torch.einsum("cij,jk,cik->c", d, cov, d) / shapes[-1][0]
         return loss.detach(), torch.autograd.grad(loss.sum(), theta)[0]
 
     cfg = uld_settings(model, loader, mse, **uld_kwargs)
@@ -189,8 +196,9 @@ def point_methods(name: str, methods: list[str], out: dict) -> None:
             cfg = uld_settings(model, loader, mse, localization=gamma, draw_time=6.0 if name == "deg_a" else 3.0)
             res = estimate_llc_degenerate(model, loader, mse, num_chains=chains, settings=cfg)
             extra = {k: cfg[k] for k in ("lr", "num_burnin_steps", "num_draws", "sampler_kwargs", "localization")}
-        elif method == "uld_exact_gradient":
-            fit = exact_gradient_uld(model, loader, chains, draw_time=6.0 if name == "deg_a" else 3.0)
+        elif method.startswith("uld_exact_gradient"):
+            batch = int(method.split("_b")[-1]) if "_b" in method else None
+            fit = exact_gradient_uld(model, loader, chains, batch=batch, draw_time=6.0 if name == "deg_a" else 3.0)
             llc = fit.pop("llc")
             _emit(out, "points", {"point": name, "method": method, "llc": llc, "sem": fit.pop("sem"), "truth": truth,
                                   "rel_error": (llc - truth) / truth, "wall_s": time.perf_counter() - t0, **fit})
@@ -299,14 +307,42 @@ def steep(seeds: list[int], out: dict) -> None:
                                  "default_lr": dflt.hyperparameters["lr"], "default_wall_s": time.perf_counter() - t1})
 
 
+def summarize(out: dict) -> dict[str, Any]:
+    """Detector rates (a flag on a healthy point is a false alarm when the SGLD value it doubts is within 10 % of
+    the gold), best method per degenerate point, steep-potential worst errors, healthy worst error."""
+    gold = {r["case"]: r["gold"] for r in json.loads((RESULTS / "llc_reference_suite.json").read_text())["rows"]}
+    det = out.get("detector", [])
+    healthy_rows = [r for r in det if not r["truly_degenerate"]]
+    ok_sgld = [r for r in healthy_rows if abs(r["llc_sgld"] / gold[r["case"]] - 1) <= 0.10]
+    deg_rows = [r for r in det if r["truly_degenerate"]]
+    summary: dict[str, Any] = {
+        "detector_flag_rate_healthy": [sum(r["degenerate"] for r in healthy_rows), len(healthy_rows)],
+        "detector_false_alarms_where_sgld_within_10pct": [sum(r["degenerate"] for r in ok_sgld), len(ok_sgld)],
+        "detector_detection_rate_degenerate": [sum(r["degenerate"] for r in deg_rows), len(deg_rows)]}
+    best: dict[str, Any] = {}
+    for r in out.get("points", []):
+        if r["point"] not in best or abs(r["rel_error"]) < abs(best[r["point"]]["rel_error"]):
+            best[r["point"]] = {"method": r["method"], "rel_error": r["rel_error"]}
+    summary["best_method_per_point"] = best
+    for k in ((2,), (3,)):
+        rows = [r for r in out.get("steep", []) if tuple(r["k"]) == k]
+        if rows:
+            summary[f"steep_w{2 * k[0]}_max_abs_rel_error"] = max(abs(r["rel_error"]) for r in rows)
+            summary[f"steep_w{2 * k[0]}_default_max_abs_rel_error"] = max(abs(r["default_rel_error"]) for r in rows)
+    if out.get("healthy"):
+        summary["healthy_uld_max_abs_rel_error"] = max(abs(r["rel_error"]) for r in out["healthy"])
+    return summary
+
+
 def _emit(out: dict, key: str, row: dict) -> None:
     """Print ``row`` and merge it into the output file, re-read first (several phases may run at once)."""
     print(json.dumps(row, default=float), flush=True)
     disk = json.loads(_OUT[0].read_text()) if _OUT[0].exists() else {}
     for k, v in out.items():
-        if not isinstance(v, list):
+        if not isinstance(v, list) and k != "summary":
             disk[k] = {**disk.get(k, {}), **v} if isinstance(v, dict) else v
     disk[key] = [r for r in disk.get(key, []) if not _same(r, row)] + [row]
+    disk["summary"] = summarize(disk)
     out.clear()
     out.update(disk)
     _save(out)
