@@ -13,7 +13,8 @@ Aoyagi's global λ, ``slt_tools.theory.dln_learning_coefficient``): ``deg_a`` = 
 * ``sgld_long``: the same step, 8× the steps (is it slow relaxation?);
 * ``rmsprop_sgld``: RMSProp-SGLD (α = 0.99, δ = 0.1), ε = calibrated/10 (G ≈ 1/δ = 10 at w*), 8× the steps;
 * ``uld``: underdamped Langevin with :func:`slt_tools.sampling.degenerate.uld_settings` (the proposal);
-* ``uld_capped``: the same, capped at 30 000 steps (``deg_b``: the full run takes ~10⁵ steps);
+* ``uld_capped``: the same, capped at 30 000 steps (``deg_b``: the full run takes ~10⁵ steps); ``uld_capped_b<m>``
+  the same with the data re-batched to batch size m (less minibatch heating);
 * ``uld_exact_gradient``: the same rule and settings on the exact full-data potential (closed form for a DLN with
   squared error: no minibatch noise) — separates the sampler's dynamics from SGHMC's minibatch heating;
   ``uld_exact_gradient_b<m>``: the same with Σ_B of m fresh rows per step (minibatch noise of batch size m);
@@ -203,10 +204,13 @@ def point_methods(name: str, methods: list[str], out: dict) -> None:
             _emit(out, "points", {"point": name, "method": method, "llc": llc, "sem": fit.pop("sem"), "truth": truth,
                                   "rel_error": (llc - truth) / truth, "wall_s": time.perf_counter() - t0, **fit})
             continue
-        elif method == "uld_capped":
+        elif method.startswith("uld_capped"):
+            batch = int(method.split("_b")[-1]) if "_b" in method else None
             cfg = uld_settings(model, loader, mse, localization=1.0, draw_time=3.0, max_steps=30_000)
-            res = estimate_llc_degenerate(model, loader, mse, num_chains=chains, settings=cfg)
-            extra = {k: cfg[k] for k in ("lr", "num_burnin_steps", "num_draws", "sampler_kwargs", "localization")}
+            res = estimate_llc_degenerate(model, loader, mse, num_chains=chains, settings=cfg, batch_size=batch)
+            extra["batch_size"] = batch or loader.batch_size
+            extra.update({k: cfg[k] for k in ("lr", "num_burnin_steps", "num_draws", "sampler_kwargs",
+                                               "localization")})
         elif method == "uld_slope":
             fit = slope_fit(model, loader, nbeta, chains, draw_time=4.0 if name == "deg_a" else 2.0,
                             burnin_time=3.0)
