@@ -9,6 +9,13 @@ Layers, bottom up (no module imports one above it):
 from slt_tools.sampling.auto import estimate_llc
 from slt_tools.sampling.calibration import CalibrationError, CalibrationSettings, calibrate_llc
 from slt_tools.sampling.config import LLCConfig, LocalizationWarning
+from slt_tools.sampling.degenerate import (
+    DegeneracyCheck,
+    degeneracy_check,
+    estimate_llc_degenerate,
+    stein_step_size,
+    uld_settings,
+)
 from slt_tools.sampling.estimate import LLCProblem, default_nbeta, sample_llc
 from slt_tools.sampling.result import (
     Calibration,
@@ -31,7 +38,8 @@ from slt_tools.sampling.result import (
 from slt_tools.sampling.rules import RULES, Rule, register
 
 __all__ = [
-    "RULES", "Calibration", "CalibrationCandidate", "CalibrationError", "CalibrationSettings", "DivergenceWarning",
+    "RULES", "Calibration", "CalibrationCandidate", "CalibrationError", "CalibrationSettings", "DegeneracyCheck",
+    "DivergenceWarning", "degeneracy_check", "estimate_llc_degenerate", "stein_step_size", "uld_settings",
     "LLCConfig", "LLCDiagnostics", "LLCDivergenceError", "LLCProblem", "LLCResult", "LLCWarning",
     "LocalizationRaisedWarning",
     "LocalizationWarning", "NegativeLLCWarning", "NotConvergedWarning", "NotStationaryWarning",
