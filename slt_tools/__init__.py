@@ -18,6 +18,7 @@ from slt_tools.logging import WandbLogger
 from slt_tools.sampling import (
     Calibration,
     CalibrationError,
+    DegeneracyWarning,
     DivergenceWarning,
     LLCConfig,
     LLCDiagnostics,
@@ -67,7 +68,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "Calibration", "CalibrationError", "CheckpointError", "DivergenceWarning", "EssentialDynamics", "LLCConfig",
+    "Calibration", "CalibrationError", "CheckpointError", "DegeneracyWarning", "DivergenceWarning",
+    "EssentialDynamics", "LLCConfig",
     "LLCDiagnostics", "LLCDivergenceError", "LLCResult", "LLCTracker", "LLCWarning", "LocalizationRaisedWarning",
     "NegativeLLCWarning", "NotConvergedWarning", "NotStationaryWarning", "RefinedLLCResult", "SamplingFallbackWarning",
     "Stage", "StageList", "StepSizeWarning", "Trajectory", "WandbLogger", "calibrate_llc", "combine_results",

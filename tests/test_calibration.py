@@ -87,6 +87,9 @@ def test_degenerate_point_is_flagged_not_answered():
     probe = res.diagnostics["overdispersed_probe"]  # run only once the trace checks pass (here they never do)
     assert probe is None or (not probe["agrees"] and probe["llc_mean"] > res.llc_mean)  # outside chains stay above
     assert res.llc_mean < 6.5  # (the underestimate that must not pass as an answer)
+    # the driver's degeneracy check: a short underdamped-Langevin run reads clearly higher (slow flat directions)
+    deg = res.diagnostics.degeneracy
+    assert deg is not None and deg["degenerate"] and deg["llc_uld"] > res.llc_mean
 
 
 

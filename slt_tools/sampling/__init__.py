@@ -20,6 +20,7 @@ from slt_tools.sampling.estimate import LLCProblem, default_nbeta, sample_llc
 from slt_tools.sampling.result import (
     Calibration,
     CalibrationCandidate,
+    DegeneracyWarning,
     DivergenceWarning,
     LLCDiagnostics,
     LLCDivergenceError,
@@ -39,7 +40,8 @@ from slt_tools.sampling.rules import RULES, Rule, register
 
 __all__ = [
     "RULES", "Calibration", "CalibrationCandidate", "CalibrationError", "CalibrationSettings", "DegeneracyCheck",
-    "DivergenceWarning", "degeneracy_check", "estimate_llc_degenerate", "stein_step_size", "uld_settings",
+    "DegeneracyWarning", "DivergenceWarning", "degeneracy_check", "estimate_llc_degenerate", "stein_step_size",
+    "uld_settings",
     "LLCConfig", "LLCDiagnostics", "LLCDivergenceError", "LLCProblem", "LLCResult", "LLCWarning",
     "LocalizationRaisedWarning",
     "LocalizationWarning", "NegativeLLCWarning", "NotConvergedWarning", "NotStationaryWarning",

@@ -35,6 +35,7 @@ from slt_tools.sampling.estimate import LLCProblem, model_mode, sample
 from slt_tools.sampling.functional import LossFn
 from slt_tools.sampling.result import (
     Calibration,
+    DegeneracyWarning,
     LLCDivergenceError,
     LLCResult,
     LocalizationRaisedWarning,
@@ -441,11 +442,71 @@ def _estimate(model: nn.Module, loader: Any, loss_fn: LossFn, config: LLCConfig,
         result = sample(problem, config, chain_ids=chain_ids, progress=bool(progress))
     else:
         result = _driven(problem, config, chain_ids, progress)
+    if config.calibrated and result.diagnostics.converged is False:
+        result = _degenerate_fallback(model, loader, loss_fn, result, config, device)
     if config.step_check:
         used = config.replace(**{k: result.hyperparameters[k] for k in ("lr", "localization", "num_burnin_steps",
                                                                         "num_draws")})
         result.diagnostics.update(step_check=step_size_check(problem, result, used))
     return result
+
+
+#: sequential steps of the degeneracy detector's underdamped-Langevin pilot (slt_tools.sampling.degenerate)
+DEGENERACY_PILOT_STEPS = 6000
+
+
+def _degenerate_fallback(model: nn.Module, loader: Any, loss_fn: LossFn, result: LLCResult, config: LLCConfig,
+                         device: str | torch.device | None) -> LLCResult:
+    """After an unconverged self-calibrated estimate: is the point degenerate, and can ULD answer it in budget?
+
+    :func:`slt_tools.sampling.degenerate.degeneracy_check` runs a short underdamped-Langevin pilot at the same
+    (γ, nβ) if the budget left holds it; if it reads clearly above SGLD (slow flat directions), the full ULD estimate
+    (:func:`slt_tools.sampling.degenerate.estimate_llc_degenerate`; within 5 % of Aoyagi's λ on rank-cut DLNs,
+    experiments/degenerate_points.py) replaces the SGLD one when the budget left holds it too — its ``converged`` is
+    its own trace's stationarity — and otherwise the SGLD estimate stays, flagged, with the ULD pilot's reading and
+    the budget the full run needs. Either way a :class:`DegeneracyWarning` says which it is."""
+    from slt_tools.sampling import degenerate
+
+    h, budget = result.hyperparameters, dict(result.diagnostics.budget or {})
+    left = int(budget.get("budget_steps", DEFAULT_BUDGET_STEPS)) - int(budget.get("steps_spent", 0))
+    if left < DEGENERACY_PILOT_STEPS or config.restrict_to is not None or device is not None:
+        return result
+    gamma, nbeta = float(h["localization"]), float(h["nbeta"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        chk = degenerate.degeneracy_check(model, loader, loss_fn, llc_sgld=result.llc_mean,
+                                          llc_sgld_sem=result.llc_sem, localization=gamma, nbeta=nbeta,
+                                          seed=config.seed, max_steps=DEGENERACY_PILOT_STEPS)
+    record = chk.to_dict()
+    left -= chk.uld_steps
+    if not chk.degenerate:
+        result.diagnostics.update(degeneracy=record)
+        return result
+    settings = degenerate.uld_settings(model, loader, loss_fn, localization=gamma, nbeta=nbeta)
+    need = settings["num_burnin_steps"] + settings["num_draws"]
+    record.update(uld_steps_needed=need, budget_left=left)
+    if need > left:
+        result.diagnostics.update(degeneracy=record)
+        warnings.warn(f"the point looks degenerate: a short underdamped-Langevin run reads λ̂ = {chk.llc_uld:.4g} "
+                      f"against SGLD's {result.llc_mean:.4g} (gap {100 * chk.gap:.0f} %, z = {chk.z:.1f}); the full "
+                      f"ULD estimate needs {need} steps, {left} are left: rerun with budget_steps ≥ "
+                      f"{int(budget.get('steps_spent', 0)) + chk.uld_steps + need} or call "
+                      "slt_tools.sampling.estimate_llc_degenerate", DegeneracyWarning, stacklevel=3)
+        return result
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        uld = degenerate.estimate_llc_degenerate(model, loader, loss_fn, num_chains=config.num_chains,
+                                                 seed=config.seed, settings=settings)
+    record.update(sgld_llc=result.llc_mean, sgld_llc_sem=result.llc_sem)
+    uld.diagnostics.update(degeneracy=record, converged=bool(uld.diagnostics.stationary),
+                           calibration=result.diagnostics.calibration,
+                           budget={**budget, "steps_spent": int(budget.get("steps_spent", 0)) + chk.uld_steps + need})
+    warnings.warn(f"the point looks degenerate (SGLD {result.llc_mean:.4g} did not converge; a short underdamped-"
+                  f"Langevin run read {chk.llc_uld:.4g}): reporting the underdamped-Langevin estimate λ̂ = "
+                  f"{uld.llc_mean:.4g} ± {uld.llc_sem:.2g} ({need} steps; converged: "
+                  f"{uld.diagnostics.converged}); the SGLD value is in diagnostics.degeneracy", DegeneracyWarning,
+                  stacklevel=3)
+    return uld
 
 
 def _driven(problem: LLCProblem, config: LLCConfig, chain_ids: Sequence[int] | None, progress: bool | None

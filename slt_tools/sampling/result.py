@@ -55,6 +55,11 @@ class LocalizationRaisedWarning(LLCWarning):
     the budget, and λ̂ depends on γ: the value is the localised posterior's at the larger γ (see the diagnostics)."""
 
 
+class DegeneracyWarning(LLCWarning):
+    """SGLD did not relax the point and a short underdamped-Langevin run reads clearly higher: slow flat directions
+    (a degenerate point); the result says which estimate it reports and how to get the better one."""
+
+
 class SamplingFallbackWarning(LLCWarning):
     """A faster path could not be used (vmap, torch.compile, pinned step, graph rewrites); the result is unaffected."""
 
@@ -268,6 +273,7 @@ class LLCDiagnostics(Record):
     lr_reduced_after_divergence: list[dict[str, Any]] | None = None
     localization_raised: list[dict[str, Any]] | None = None
     step_check: dict[str, Any] | None = None
+    degeneracy: dict[str, Any] | None = None
     budget: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
