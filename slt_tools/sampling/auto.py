@@ -174,11 +174,13 @@ class _Checks:
             ok = ok and self.probes[-1].agrees
         return ok
 
-    def probe(self, problem: LLCProblem, result: LLCResult, config: LLCConfig) -> bool:
-        """Run the overdispersed probe on ``result`` if the budget holds it (False, and the reason, otherwise)."""
+    def probe(self, problem: LLCProblem, result: LLCResult, config: LLCConfig, for_the_record: bool = False) -> bool:
+        """Run the overdispersed probe on ``result`` if the budget holds it (False, and — unless it is only
+        ``for_the_record`` of a run that failed anyway — the reason, otherwise)."""
         steps = _run_steps(config)
         if not self.budget.allows(steps):
-            self.cut_short = f"the overdispersed probe ({steps} steps) did not fit the budget"
+            if not for_the_record:
+                self.cut_short = f"the overdispersed probe ({steps} steps) did not fit the budget"
             return False
         self.status.say(f"overdispersed probe, γ={config.localization:g}")
         t0 = time.perf_counter()
@@ -241,11 +243,7 @@ def _next_run(config: LLCConfig, result: LLCResult, checks: _Checks, may_raise_g
     doubled = config.replace(num_draws=draws, num_burnin_steps=burn)
     relax = relaxation_steps(config.lr, config.localization)
     if not _rising(result, checks) or burn >= relax:
-        # noise, not an unfinished relaxation from w*: a longer run is the remedy
-        if not fits(doubled):
-            checks.cut_short = f"a longer run ({_run_steps(doubled)} steps) did not fit the budget"
-            return None
-        return doubled
+        return _if_it_fits(doubled, checks)  # noise, not an unfinished relaxation from w*: a longer run is the remedy
     relaxed = config.replace(num_draws=draws, num_burnin_steps=max(burn, relax))
     if fits(relaxed):
         return relaxed
@@ -264,10 +262,15 @@ def _next_run(config: LLCConfig, result: LLCResult, checks: _Checks, may_raise_g
             checks.previous = None  # another γ is another estimand: no run-length comparison across it
             checks.history = []
             return raised
-    if not fits(doubled):
-        checks.cut_short = f"a longer run ({_run_steps(doubled)} steps) did not fit the budget"
-        return None
-    return doubled
+    return _if_it_fits(doubled, checks)
+
+
+def _if_it_fits(config: LLCConfig, checks: _Checks) -> LLCConfig | None:
+    """``config`` if its run and probe fit the budget left; None, with the reason recorded, otherwise."""
+    if checks.budget.allows(2 * _run_steps(config)):
+        return config
+    checks.cut_short = f"a longer run ({_run_steps(config)} steps) did not fit the budget"
+    return None
 
 
 def _not_converged_message(result: LLCResult, checks: _Checks, pilot: list[Any], draws: int) -> str:
@@ -331,7 +334,7 @@ def _checked_run(problem: LLCProblem, config: LLCConfig, calib: Calibration | No
     if not settled and config.probe_enabled and not checks.probed_last and not checks.cut_short:
         with warnings.catch_warnings():  # the final, unconverged run gets its probe too: a record for the reader
             warnings.simplefilter("ignore")
-            checks.probe(problem, result, config)
+            checks.probe(problem, result, config, for_the_record=True)
     _record(result, checks, calib, settled, budget)
     if not settled:
         warnings.warn(_not_converged_message(result, checks, [c.to_dict() for c in pilot], config.num_draws),
