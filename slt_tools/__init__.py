@@ -51,7 +51,7 @@ __version__ = "0.1.0"
 
 #: submodules importable as attributes (``slt_tools.theory``), loaded on first access as numpy/scipy do
 _SUBMODULES = ("cli", "geometry", "logging", "losses", "models", "plots", "restrictions",
-               "sampling", "stages", "symmetry", "synthetic", "theory", "trajectory")
+               "sampling", "stages", "symmetry", "synthetic", "theory", "trajectory", "observables")
 
 
 def __getattr__(name: str) -> Any:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -83,7 +83,7 @@ LOW_ACCEPTANCE = 0.9
 # --------------------------------------------------------------------------------------------------- JSON helpers
 def json_safe(x: Any) -> Any:
     """Plain JSON values: numpy scalars/arrays converted, non-finite floats as None, records via ``to_dict``."""
-    if isinstance(x, Record):
+    if isinstance(x, Record) or (hasattr(x, "to_dict") and hasattr(x, "__dataclass_fields__")):
         return x.to_dict()
     if isinstance(x, dict):
         return {str(k): json_safe(v) for k, v in x.items()}
@@ -282,6 +282,37 @@ class LLCDiagnostics(Record):
 
 
 @dataclass
+class ObservableStats:
+    """Posterior statistics of one observable φ ∈ R^K (K = ``shape`` flattened) from a run's draws.
+
+    ``mean_per_chain`` (C, K) and ``cov_with_loss_per_chain`` (C, K) are within-chain; ``mean``, ``var`` and
+    ``cov_with_loss`` pool every chain's draws (Chan merge); ``mean_sem``/``cov_with_loss_sem`` are the spread of the
+    per-chain values over √C. ``draws`` (C, T, K) only with ``keep_draws=True``."""
+
+    name: str
+    shape: list[int]
+    num_draws: int
+    mean_per_chain: np.ndarray
+    mean: np.ndarray
+    mean_sem: np.ndarray
+    var: np.ndarray
+    cov_with_loss_per_chain: np.ndarray
+    cov_with_loss: np.ndarray
+    cov_with_loss_sem: np.ndarray
+    draws: np.ndarray | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe({k: getattr(self, k) for k in self.__dataclass_fields__})
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ObservableStats:
+        arrays = ("mean_per_chain", "mean", "mean_sem", "var", "cov_with_loss_per_chain", "cov_with_loss",
+                  "cov_with_loss_sem", "draws")
+        return cls(**{k: (np.array(v, dtype=float) if k in arrays and v is not None else v) for k, v in d.items()})
+
+
+@dataclass
 class LLCResult:
     """An LLC estimate: per-chain values, traces, hyperparameters and diagnostics.
 
@@ -299,6 +330,8 @@ class LLCResult:
     hyperparameters: dict[str, Any]
     diagnostics: LLCDiagnostics
     chain_ids: list[int] = field(default_factory=list)
+    #: name → :class:`slt_tools.sampling.observables.ObservableStats` (runs with ``observables=``)
+    observables: dict[str, Any] = field(default_factory=dict)
 
     @property
     def llc_trace(self) -> np.ndarray:
@@ -320,6 +353,8 @@ class LLCResult:
         for key in ("llc_mean", "llc_std", "llc_sem", "init_loss"):
             d[key] = float("nan") if d[key] is None else float(d[key])
         d["diagnostics"] = LLCDiagnostics.from_dict(d["diagnostics"])
+        if d.get("observables"):
+            d["observables"] = {k: ObservableStats.from_dict(v) for k, v in d["observables"].items()}
         return cls(**d)
 
     @classmethod
