@@ -35,6 +35,7 @@ from slt_tools.sampling import (
     estimate_llc,
     sample_llc,
 )
+from slt_tools.sampling.bif import BIFResult, bif
 from slt_tools.sampling.refined import estimate_refined_llc
 from slt_tools.sampling.refined_result import RefinedLLCResult
 from slt_tools.stages import Stage, StageList, detect_stages
@@ -72,5 +73,5 @@ __all__ = [
     "NegativeLLCWarning", "NotConvergedWarning", "NotStationaryWarning", "RefinedLLCResult", "SamplingFallbackWarning",
     "Stage", "StageList", "StepSizeWarning", "Trajectory", "WandbLogger", "calibrate_llc", "combine_results",
     "detect_stages", "essential_dynamics", "estimate_llc", "estimate_refined_llc", "llc_trajectory", "log_schedule",
-    "sample_llc", "save_checkpoint",
+    "sample_llc", "save_checkpoint", "BIFResult", "bif",
 ]

@@ -100,3 +100,29 @@ def test_observables_stream_equals_draws_and_leave_the_run_bit_identical():
     # a user function of the model agrees with the weights it sees: ‖w‖² at the draws
     back = slt.LLCResult.from_json(res.to_json())
     np.testing.assert_allclose(back.observables["query_loss"].mean, res.observables["query_loss"].mean)
+
+
+def test_bif_matches_linear_gaussian_closed_form():
+    model, loader, train, query = linear_problem()
+    config = slt.LLCConfig(**CONFIG)
+    out = slt.bif(model, loader, query, per_sample, config, train_chunk_size=40)
+    assert out.bif.shape == (N, 4) and out.num_runs == 2
+    truth = -closed_form_cov(model, train, query, out.llc.hyperparameters["nbeta"], 1.0)
+    z = (out.bif - truth) / out.bif_sem
+    assert np.mean(z**2) < 2.5, np.mean(z**2)
+    assert np.abs(z).max() < 6.0
+    rel = np.linalg.norm(out.bif - truth) / np.linalg.norm(truth)
+    assert rel < 0.3, rel  # entries share draws, so their errors are correlated: a loose overall check
+    assert np.corrcoef(out.bif.ravel(), truth.ravel())[0, 1] > 0.95
+    assert np.all(np.abs(out.correlation) <= 1 + 1e-9)
+    # the per-sample variances too: Var ℓ_i = 2 s_ii² + 4 m_i² s_ii
+    x, y = train
+    w, nbeta = model.weight.detach()[0], out.llc.hyperparameters["nbeta"]
+    sigma = torch.linalg.inv(2 * nbeta / N * x.T @ x + torch.eye(D, dtype=torch.float64))
+    s_ii, m_i = ((x @ sigma) * x).sum(1), x @ w - y
+    var_truth = (2 * s_ii**2 + 4 * m_i**2 * s_ii).numpy()
+    assert np.median(np.abs(out.var_train / var_truth - 1)) < 0.1
+    # chunking over training samples re-runs the same chains: one run over all samples gives the same numbers
+    whole = slt.bif(model, loader, query, per_sample, config)
+    assert whole.num_runs == 1
+    np.testing.assert_allclose(whole.bif, out.bif, rtol=1e-9, atol=1e-15)
