@@ -11,7 +11,10 @@ and BIF(z_i, z_q) = −Cov(ℓ_i, ℓ_q) must match it within its standard error
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -126,3 +129,19 @@ def test_bif_matches_linear_gaussian_closed_form():
     whole = slt.bif(model, loader, query, per_sample, config)
     assert whole.num_runs == 1
     np.testing.assert_allclose(whole.bif, out.bif, rtol=1e-9, atol=1e-15)
+
+
+def test_wbic_at_inverse_log_n_temperature_only():
+    model, loader, train, _ = linear_problem()
+    res = slt.sample_llc(model, loader, mean_loss, slt.LLCConfig(**{**CONFIG, "num_chains": 4, "num_draws": 200}))
+    assert math.isclose(res.hyperparameters["nbeta"], N / math.log(N))
+    assert res.wbic == pytest.approx(N * res.loss_trace.mean(), rel=1e-12)
+    assert res.wbic_sem == pytest.approx(N * res.loss_trace.mean(1).std(ddof=1) / 2, rel=1e-12)
+    # truth: n·E_p[L_n] = n·L_n(w*) + tr(XᵀX·Σ) for the Gaussian posterior N(w*, Σ) (module docstring)
+    (x, y), nbeta = train, res.hyperparameters["nbeta"]
+    sigma = torch.linalg.inv(2 * nbeta / N * x.T @ x + torch.eye(D, dtype=torch.float64))
+    truth = float(((x @ model.weight.detach()[0] - y) ** 2).sum() + torch.trace(x.T @ x @ sigma))
+    assert abs(res.wbic - truth) < 4 * res.wbic_sem, (res.wbic, truth, res.wbic_sem)
+    other = slt.sample_llc(model, loader, mean_loss,
+                           slt.LLCConfig(**{**CONFIG, "num_chains": 2, "num_draws": 20, "nbeta": 5.0}))
+    assert other.wbic is None and other.wbic_sem is None

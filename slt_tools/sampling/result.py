@@ -333,6 +333,33 @@ class LLCResult:
     #: name → :class:`slt_tools.sampling.observables.ObservableStats` (runs with ``observables=``)
     observables: dict[str, Any] = field(default_factory=dict)
 
+    def _wbic_applies(self) -> bool:
+        n = self.hyperparameters.get("num_samples")
+        nbeta = self.hyperparameters.get("nbeta")
+        return bool(n and n >= 2 and nbeta and math.isclose(float(nbeta), n / math.log(n), rel_tol=1e-9))
+
+    @property
+    def wbic(self) -> float | None:
+        """WBIC = n·E_β[L_n] at β = 1/log n (Watanabe 2013, "A widely applicable Bayesian information criterion",
+        JMLR 14, eq. (4)), estimated by n × the mean minibatch loss over the kept chains' draws; None unless the run
+        is at nβ = n/log n (the default "dataset" convention). The posterior is the localised one (Gaussian
+        prior N(w*, γ⁻¹I) centred at w*), so this is the WBIC of that local model."""
+        if not self._wbic_applies():
+            return None
+        kept = np.isfinite(self.llc_per_chain)
+        return float(self.hyperparameters["num_samples"] * np.nanmean(self.loss_trace[kept]))
+
+    @property
+    def wbic_sem(self) -> float | None:
+        """Standard error of :attr:`wbic`: n × the spread of the kept chains' mean losses / √C."""
+        if not self._wbic_applies():
+            return None
+        kept = np.isfinite(self.llc_per_chain)
+        means = np.nanmean(self.loss_trace[kept], axis=1)
+        if len(means) < 2:
+            return float("nan")
+        return float(self.hyperparameters["num_samples"] * means.std(ddof=1) / math.sqrt(len(means)))
+
     @property
     def llc_trace(self) -> np.ndarray:
         """nβ·(L_B(w_t) − L_n(w*)) per chain and draw: the running quantity whose mean is λ̂."""
