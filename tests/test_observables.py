@@ -145,3 +145,16 @@ def test_wbic_at_inverse_log_n_temperature_only():
     other = slt.sample_llc(model, loader, mean_loss,
                            slt.LLCConfig(**{**CONFIG, "num_chains": 2, "num_draws": 20, "nbeta": 5.0}))
     assert other.wbic is None and other.wbic_sem is None
+
+
+@pytest.mark.parametrize("checked", [False, True])
+def test_estimate_llc_passes_observables_to_its_main_run(checked):
+    model, loader, _, query = linear_problem()
+    kw = {**CONFIG, "num_chains": 2, "num_draws": 40, "num_burnin_steps": 20}
+    if checked:
+        kw["max_extensions"] = 1  # the driver's checked path
+    obs = [slt.observables.per_sample_loss(query, per_sample, name="query")]
+    res = slt.estimate_llc(model, loader, mean_loss, observables=obs, progress=False, **kw)
+    st = res.observables["query"]
+    assert st.mean.shape == (4,) and st.mean_per_chain.shape == (2, 4)
+    assert st.num_draws == res.loss_trace.shape[1]
