@@ -158,3 +158,33 @@ def test_estimate_llc_passes_observables_to_its_main_run(checked):
     st = res.observables["query"]
     assert st.mean.shape == (4,) and st.mean_per_chain.shape == (2, 4)
     assert st.num_draws == res.loss_trace.shape[1]
+
+
+def test_refined_observables_per_restriction_stream_equals_draws_and_alone_equals_batched():
+    from slt_tools.restrictions import Restriction
+
+    model, loader, _, query = linear_problem()
+
+    def coords(*ks):
+        mask = torch.zeros(1, D, dtype=torch.bool)
+        mask[0, list(ks)] = True
+        return {"weight": mask}
+
+    rs = {"a": Restriction("a", coords(0, 1)), "c": Restriction("c", coords(1, 2)), "b": Restriction("b", coords(2))}
+    obs = {"w": lambda m: m.weight.reshape(-1), "query": slt.observables.per_sample_loss(query, per_sample).fn}
+    kw = {**CONFIG, "num_chains": 3, "num_draws": 30, "num_burnin_steps": 10, "chain_chunk_size": 4}
+    res = slt.estimate_refined_llc(model, loader, mean_loss, rs, observables=obs, keep_draws=True, **kw)
+    w_star = model.weight.detach().reshape(-1).numpy()
+    for name, frozen in (("a", [2]), ("c", [0]), ("b", [0, 1])):
+        st = res[name].observables["w"]
+        assert st.draws.shape == (3, 30, D) and st.mean_per_chain.shape == (3, D)
+        np.testing.assert_array_equal(st.draws[..., frozen], np.broadcast_to(w_star[frozen], (3, 30, len(frozen))))
+        q = res[name].observables["query"]
+        flat, loss = q.draws.reshape(-1, 4), res[name].loss_trace.reshape(-1)
+        np.testing.assert_allclose(q.mean, flat.mean(0), rtol=1e-12)
+        cov = ((flat - flat.mean(0)) * (loss - loss.mean())[:, None]).sum(0) / (flat.shape[0] - 1)
+        np.testing.assert_allclose(q.cov_with_loss, cov, rtol=1e-9, atol=1e-15)
+    alone = slt.estimate_refined_llc(model, loader, mean_loss, {"c": rs["c"]}, observables=obs, **kw)
+    np.testing.assert_allclose(alone["c"].observables["query"].mean, res["c"].observables["query"].mean, rtol=1e-9)
+    np.testing.assert_allclose(alone["c"].observables["query"].cov_with_loss,
+                               res["c"].observables["query"].cov_with_loss, rtol=1e-7, atol=1e-12)

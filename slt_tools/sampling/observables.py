@@ -88,13 +88,20 @@ class ChainEvaluator:
 
 
 class ObservableHook:
-    """The engine's ``on_draw`` hook: each observable into its own :class:`CrossMoments` with the minibatch loss."""
+    """The engine's ``on_draw`` hook: each observable into its own :class:`CrossMoments` with the minibatch loss.
 
-    def __init__(self, bound: Sequence[tuple[str, BoundFn]], block: int = 32, keep_draws: bool = False) -> None:
+    With ``lift`` (and its ``context``) the chains' θ are sub-vectors, lifted to the observables' flat vector first
+    (a refined run: :func:`slt_tools.sampling.steps.scatter_lift`)."""
+
+    def __init__(self, bound: Sequence[tuple[str, BoundFn]], block: int = 32, keep_draws: bool = False,
+                 lift: Callable[[torch.Tensor, Any], torch.Tensor] | None = None, context: Any = None) -> None:
         self.evaluators = {name: ChainEvaluator(fn) for name, fn in bound}
         self.acc = {name: CrossMoments(block, keep_draws) for name, _ in bound}
+        self.lift, self.context = lift, context
 
     def __call__(self, theta: torch.Tensor, losses: torch.Tensor) -> None:
+        if self.lift is not None:
+            theta = self.lift(theta, self.context)
         for name, ev in self.evaluators.items():
             self.acc[name].add(ev(theta), losses[:, None])
 
@@ -116,19 +123,32 @@ def _sem(per_chain: np.ndarray) -> np.ndarray:
     return per_chain.std(axis=0, ddof=1) / math.sqrt(c) if c > 1 else np.full(per_chain.shape[1:], np.nan)
 
 
-def stats_from_moments(name: str, shape: Sequence[int], parts: Sequence[CrossMoments]) -> ObservableStats:
-    """Summarise the accumulators of the run's chain blocks (concatenated along chains)."""
-    chains = [c for acc in parts for c in _chain_list(acc.result())]
+def stats_from_chains(name: str, shape: Sequence[int], chains: Sequence[Moments],
+                      draws: np.ndarray | None = None) -> ObservableStats:
+    """Summarise single-chain moments (one leading axis of size 1 each) into an :class:`ObservableStats`."""
     pooled = chains[0]
     for c in chains[1:]:
         pooled = merge(pooled, c)
     means = np.concatenate([_np(c.mean_x) for c in chains])
     covs = np.concatenate([_np(c.cov_xy()[..., 0]) for c in chains])
-    draws = None
-    if parts[0].keep_draws:
-        draws = np.concatenate([np.concatenate(acc.draws_x, axis=1) for acc in parts])
-    return ObservableStats(name, list(shape), int(pooled.n // len(chains)), means, _np(pooled.mean_x[0]), _sem(means),
-               _np(pooled.var_x()[0]), covs, _np(pooled.cov_xy()[0, :, 0]), _sem(covs), draws)
+    return ObservableStats(name, list(shape), int(pooled.n // len(chains)), means, _np(pooled.mean_x[0]),
+                           _sem(means), _np(pooled.var_x()[0]), covs, _np(pooled.cov_xy()[0, :, 0]), _sem(covs),
+                           draws)
+
+
+def chains_of(acc: CrossMoments, rows: Sequence[int] | None = None) -> tuple[list[Moments], np.ndarray | None]:
+    """The single-chain moments of an accumulator (rows ``rows`` only, default all) and their kept draws."""
+    chains = _chain_list(acc.result())
+    rows = list(range(len(chains))) if rows is None else list(rows)
+    draws = np.concatenate(acc.draws_x, axis=1)[rows] if acc.keep_draws else None
+    return [chains[r] for r in rows], draws
+
+
+def stats_from_moments(name: str, shape: Sequence[int], parts: Sequence[CrossMoments]) -> ObservableStats:
+    """Summarise the accumulators of the run's chain blocks (concatenated along chains)."""
+    got = [chains_of(acc) for acc in parts]
+    draws = np.concatenate([d for _, d in got]) if parts[0].keep_draws else None  # type: ignore[misc]
+    return stats_from_chains(name, shape, [c for cs, _ in got for c in cs], draws)
 
 
 def summarize_observables(hooks: Sequence[ObservableHook], shapes: Mapping[str, Sequence[int]]
