@@ -38,6 +38,7 @@ from slt_tools.sampling import (
 from slt_tools.sampling.bif import BIFResult, bif
 from slt_tools.sampling.refined import estimate_refined_llc
 from slt_tools.sampling.refined_result import RefinedLLCResult
+from slt_tools.sampling.susceptibility import SusceptibilityResult, susceptibilities
 from slt_tools.stages import Stage, StageList, detect_stages
 from slt_tools.trajectory import (
     CheckpointError,
@@ -74,4 +75,5 @@ __all__ = [
     "Stage", "StageList", "StepSizeWarning", "Trajectory", "WandbLogger", "calibrate_llc", "combine_results",
     "detect_stages", "essential_dynamics", "estimate_llc", "estimate_refined_llc", "llc_trajectory", "log_schedule",
     "sample_llc", "save_checkpoint", "BIFResult", "bif",
+    "SusceptibilityResult", "susceptibilities",
 ]

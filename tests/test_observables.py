@@ -188,3 +188,46 @@ def test_refined_observables_per_restriction_stream_equals_draws_and_alone_equal
     np.testing.assert_allclose(alone["c"].observables["query"].mean, res["c"].observables["query"].mean, rtol=1e-9)
     np.testing.assert_allclose(alone["c"].observables["query"].cov_with_loss,
                                res["c"].observables["query"].cov_with_loss, rtol=1e-7, atol=1e-12)
+
+
+def _restricted_cov(model, x_a, y_a, x_b, y_b, train, nbeta, coords_):
+    """Cov(ℓ_a, ℓ_b) under the posterior restricted to coordinates ``coords_`` (the others at w*)."""
+    x, _ = train
+    prec = 2 * nbeta / N * x.T @ x + torch.eye(D, dtype=torch.float64)
+    sigma = torch.zeros(D, D, dtype=torch.float64)
+    idx = torch.tensor(coords_)
+    sigma[idx[:, None], idx[None, :]] = torch.linalg.inv(prec[idx][:, idx])
+    w = model.weight.detach()[0]
+    s = x_a @ sigma @ x_b.T
+    m_a, m_b = x_a @ w - y_a, x_b @ w - y_b
+    return 2 * s**2 + 4 * m_a[:, None] * m_b[None, :] * s
+
+
+def test_susceptibilities_match_linear_gaussian_closed_form():
+    from slt_tools.restrictions import Restriction
+
+    model, loader, train, query = linear_problem()
+    masks = {"a": (0, 1), "b": (2,), "all": (0, 1, 2)}
+    rs = {}
+    for name, ks in masks.items():
+        m = torch.zeros(1, D, dtype=torch.bool)
+        m[0, list(ks)] = True
+        rs[name] = Restriction(name, {"weight": m})
+    ref = (train[0][:16], train[1][:16])
+    probes = {"query": query, "train_tail": (train[0][-3:], train[1][-3:])}
+    config = slt.LLCConfig(**{**CONFIG, "chain_chunk_size": 48})
+    out = slt.susceptibilities(model, loader, probes, rs, per_sample, config, reference_batch=ref)
+    assert out.restrictions == ["a", "b", "all"] and out.response.shape == (3, 2)
+    nbeta = out.refined["a"].hyperparameters["nbeta"]
+    zs = []
+    for k, (xp, yp) in probes.items():
+        for r, name in enumerate(out.restrictions):
+            c_ref = _restricted_cov(model, ref[0], ref[1], ref[0], ref[1], train, nbeta, masks[name]).mean()
+            c_probe = _restricted_cov(model, ref[0], ref[1], xp, yp, train, nbeta, masks[name]).mean(0)
+            truth = (c_ref - c_probe).numpy()
+            zs.append((out.chi[k][r] - truth) / out.chi_sem[k][r])
+            assert np.allclose(out.chi[k][r], truth, rtol=0.3, atol=0.3 * np.abs(truth).max()), (k, name)
+    z = np.concatenate(zs)
+    assert np.mean(z**2) < 2.5 and np.abs(z).max() < 5, z
+    scores, ratio = out.principal_components(2)
+    assert scores.shape == (3, 2) and 0 < ratio[0] <= 1

@@ -88,22 +88,30 @@ class ChainEvaluator:
 
 
 class ObservableHook:
-    """The engine's ``on_draw`` hook: each observable into its own :class:`CrossMoments` with the minibatch loss.
+    """The engine's ``on_draw`` hook: each observable into its own :class:`CrossMoments` with the minibatch loss
+    (or, with ``reference``, with that scalar observable: ``cov_with_loss`` is then the covariance with it).
 
     With ``lift`` (and its ``context``) the chains' θ are sub-vectors, lifted to the observables' flat vector first
     (a refined run: :func:`slt_tools.sampling.steps.scatter_lift`)."""
 
     def __init__(self, bound: Sequence[tuple[str, BoundFn]], block: int = 32, keep_draws: bool = False,
-                 lift: Callable[[torch.Tensor, Any], torch.Tensor] | None = None, context: Any = None) -> None:
+                 lift: Callable[[torch.Tensor, Any], torch.Tensor] | None = None, context: Any = None,
+                 reference: str | None = None) -> None:
         self.evaluators = {name: ChainEvaluator(fn) for name, fn in bound}
         self.acc = {name: CrossMoments(block, keep_draws) for name, _ in bound}
         self.lift, self.context = lift, context
+        if reference is not None and reference not in self.evaluators:
+            raise ValueError(f"reference observable {reference!r} is not among {list(self.evaluators)}")
+        self.reference = reference
 
     def __call__(self, theta: torch.Tensor, losses: torch.Tensor) -> None:
+        """Each observable at the draw, with its covariance partner: the minibatch loss or the scalar reference."""
         if self.lift is not None:
             theta = self.lift(theta, self.context)
-        for name, ev in self.evaluators.items():
-            self.acc[name].add(ev(theta), losses[:, None])
+        values = {name: ev(theta) for name, ev in self.evaluators.items()}
+        partner = losses[:, None] if self.reference is None else values[self.reference][:, :1]
+        for name, v in values.items():
+            self.acc[name].add(v, partner)
 
 
 def _chain_list(m: Moments) -> list[Moments]:

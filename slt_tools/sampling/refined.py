@@ -263,10 +263,11 @@ def _group_observables(per_group: list[tuple[list[ChainOutput], list[ObservableH
 
 def sample_refined(problem: RefinedProblem, config: LLCConfig, *, chain_ids: Sequence[int] | None = None,
                    progress: bool = False, observables: list[PreparedObservables] | None = None,
-                   keep_draws: bool = False) -> RefinedLLCResult:
+                   keep_draws: bool = False, reference: str | None = None) -> RefinedLLCResult:
     """One batched run of every (restriction, chain) pair with the fixed settings ``config``. ``observables``: one
     prepared set per group of ``problem.groups`` (bound to that group's layout), evaluated at every draw of every
-    pair; ``result[name].observables`` holds restriction ``name``'s statistics."""
+    pair; ``result[name].observables`` holds restriction ``name``'s statistics (covariances with the minibatch loss,
+    or with the scalar observable ``reference``)."""
     if config.lr is None or config.localization is None:
         raise ValueError("sample_refined needs lr and localization; slt_tools.estimate_refined_llc calibrates them "
                          "on the whole model when unset")
@@ -287,7 +288,8 @@ def sample_refined(problem: RefinedProblem, config: LLCConfig, *, chain_ids: Seq
         make_hook = None
         if observables:
             def make_hook(context: Any, bound: Any = observables[g][0]) -> ObservableHook:
-                return ObservableHook(bound, keep_draws=keep_draws, lift=scatter_lift, context=context)
+                return ObservableHook(bound, keep_draws=keep_draws, lift=scatter_lift, context=context,
+                                      reference=reference)
         outputs, chunks, loss_grad = _run_group(problem, group, config, hp, ids, progress, hooks, make_hook)
         per_group.append((outputs, hooks, chunks))
         gathered = _gather(outputs, chunks)
