@@ -3,7 +3,8 @@ Interpreting Small Language Models with Susceptibilities", arXiv 2504.18274).
 
 Shifting the data distribution q toward a probe distribution q′, q_h = (1 − h)q + hq′, changes the posterior
 expectation of an observable φ_C localised on a component C to first order in h; the susceptibility is that linear
-response, a posterior covariance (the paper's linear-response formula):
+response, a posterior covariance (the paper's linear-response formula; its equation number could not be checked
+here — devinterp 2.0.1 cites the paper's appendix C.4):
 
     χ_C = −Cov_{β}[φ_C, ΔL],   ΔL(w) = L_{q′}(w) − L_q(w),
 
