@@ -36,8 +36,10 @@ from slt_tools.sampling import (
     estimate_llc,
     sample_llc,
 )
+from slt_tools.sampling.bif import BIFResult, bif
 from slt_tools.sampling.refined import estimate_refined_llc
 from slt_tools.sampling.refined_result import RefinedLLCResult
+from slt_tools.sampling.susceptibility import SusceptibilityResult, susceptibilities
 from slt_tools.stages import Stage, StageList, detect_stages
 from slt_tools.trajectory import (
     CheckpointError,
@@ -52,7 +54,7 @@ __version__ = "0.1.0"
 
 #: submodules importable as attributes (``slt_tools.theory``), loaded on first access as numpy/scipy do
 _SUBMODULES = ("cli", "geometry", "logging", "losses", "models", "plots", "restrictions",
-               "sampling", "stages", "symmetry", "synthetic", "theory", "trajectory")
+               "sampling", "stages", "symmetry", "synthetic", "theory", "trajectory", "observables")
 
 
 def __getattr__(name: str) -> Any:
@@ -74,5 +76,6 @@ __all__ = [
     "NegativeLLCWarning", "NotConvergedWarning", "NotStationaryWarning", "RefinedLLCResult", "SamplingFallbackWarning",
     "Stage", "StageList", "StepSizeWarning", "Trajectory", "WandbLogger", "calibrate_llc", "combine_results",
     "detect_stages", "essential_dynamics", "estimate_llc", "estimate_refined_llc", "llc_trajectory", "log_schedule",
-    "sample_llc", "save_checkpoint",
+    "sample_llc", "save_checkpoint", "BIFResult", "bif",
+    "SusceptibilityResult", "susceptibilities",
 ]

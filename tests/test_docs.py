@@ -3,6 +3,8 @@ import re
 import warnings
 from pathlib import Path
 
+import pytest
+
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guide.md"
 
 
@@ -22,21 +24,21 @@ def test_guide_code_blocks_run(tmp_path, monkeypatch):
 
 
 #: user docs whose every python block is a complete, runnable example (the others show fragments)
-RUNNABLE_DOCS = ("llc.md",)  # symmetry.md: tests/test_symmetry.py
+RUNNABLE_DOCS = ("llc.md", "observables.md")  # symmetry.md: tests/test_symmetry.py
 
 
-def test_runnable_docs_blocks_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", RUNNABLE_DOCS)
+def test_runnable_docs_blocks_run(tmp_path, monkeypatch, name):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.chdir(tmp_path)
-    for name in RUNNABLE_DOCS:
-        path = GUIDE.parent / name
-        blocks = re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
-        assert blocks, name
-        namespace: dict = {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for i, code in enumerate(blocks):
-                exec(compile(code, f"{name}[block {i}]", "exec"), namespace)  # noqa: S102
+    path = GUIDE.parent / name
+    blocks = re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+    assert blocks, name
+    namespace: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, code in enumerate(blocks):
+            exec(compile(code, f"{name}[block {i}]", "exec"), namespace)  # noqa: S102
 
 
 def test_transformers_doc_code_blocks_run(tmp_path, monkeypatch):

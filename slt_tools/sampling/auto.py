@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,8 @@ from slt_tools.sampling.calibration import calibrate
 from slt_tools.sampling.config import LLCConfig, relaxation_steps
 from slt_tools.sampling.estimate import LLCProblem, model_mode, sample
 from slt_tools.sampling.functional import LossFn
+from slt_tools.sampling.observables import Observable, ObservableFn
+from slt_tools.sampling.observables import prepare as prepare_observables
 from slt_tools.sampling.result import (
     Calibration,
     DegeneracyWarning,
@@ -192,13 +194,15 @@ class _Checks:
 
 
 def _run_with_step_down(problem: LLCProblem, config: LLCConfig, checks: _Checks, may_step_down: bool,
-                        chain_ids: Sequence[int] | None, progress: bool) -> tuple[LLCResult, LLCConfig]:
-    """One run; on divergence of a calibrated ε, divide it by 3 and rerun (at most 3 times)."""
+                        chain_ids: Sequence[int] | None, progress: bool, observe: dict[str, Any] | None = None
+                        ) -> tuple[LLCResult, LLCConfig]:
+    """One run; on divergence of a calibrated ε, divide it by 3 and rerun (at most 3 times). ``observe``: the
+    observables' keyword arguments of :func:`~slt_tools.sampling.estimate.sample` (main runs only)."""
     while True:
         checks.status.say(f"run: γ={config.localization:g}, ε={config.lr:.3g}, {_run_steps(config)} steps")
         t0 = time.perf_counter()
         try:
-            result = sample(problem, config, chain_ids=chain_ids, progress=bool(progress))
+            result = sample(problem, config, chain_ids=chain_ids, progress=bool(progress), **(observe or {}))
             checks.budget.charge(_run_steps(config), time.perf_counter() - t0)
             checks.status.advance(_run_steps(config))
             return result, config
@@ -310,7 +314,7 @@ def _fit_first_run(config: LLCConfig, checks: _Checks) -> LLCConfig:
 
 def _checked_run(problem: LLCProblem, config: LLCConfig, calib: Calibration | None, may_step_down: bool,
                  may_raise_gamma: bool, chain_ids: Sequence[int] | None, progress: bool | None,
-                 budget: _Budget, status: _Status) -> LLCResult:
+                 budget: _Budget, status: _Status, observe: dict[str, Any] | None = None) -> LLCResult:
     """Run, check, and lengthen (or raise γ) until it settles or extensions/budget are spent; record it all.
     ``may_step_down``: ε was calibrated (not the user's), so a diverging run may retry at ε/3."""
     pilot = [c for c in calib.candidates if c.lr == calib.lr and c.llc_mean is not None] if calib else []
@@ -320,7 +324,8 @@ def _checked_run(problem: LLCProblem, config: LLCConfig, calib: Calibration | No
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         while True:
-            result, config = _run_with_step_down(problem, config, checks, may_step_down, chain_ids, progress)
+            result, config = _run_with_step_down(problem, config, checks, may_step_down, chain_ids, progress,
+                                                 observe)
             settled = checks.settled(result, problem, config) and not checks.cut_short
             if settled or checks.cut_short:
                 break
@@ -367,7 +372,9 @@ def _record(result: LLCResult, checks: _Checks, calib: Calibration | None, settl
 
 def estimate_llc(model: nn.Module, loader: Any, loss_fn: LossFn, config: LLCConfig | None = None, *,
                  chain_ids: Sequence[int] | None = None, device: str | torch.device | None = None,
-                 progress: bool | None = None, logger: Any = None, **settings: Any) -> LLCResult:
+                 progress: bool | None = None, logger: Any = None,
+                 observables: Mapping[str, ObservableFn] | Sequence[Observable] | None = None, keep_draws: bool = False,
+                 **settings: Any) -> LLCResult:
     """Estimate the LLC λ̂(w*) of ``model`` at its current weights w* (math: :mod:`slt_tools.sampling.estimate`).
 
     Args:
@@ -393,13 +400,17 @@ def estimate_llc(model: nn.Module, loader: Any, loss_fn: LossFn, config: LLCConf
             and the driver's status line; None (default) the status line only, and only on a terminal; False
             nothing.
         logger: optional logger with ``log_llc(result)`` (e.g. :class:`slt_tools.WandbLogger`).
+        observables: ``{name: fn(model) -> tensor}`` or :class:`~slt_tools.sampling.observables.Observable` objects
+            (e.g. :func:`slt_tools.observables.per_sample_loss`), evaluated at every draw of the main run(s) (not
+            the calibration pilots or probes) into streaming statistics, ``result.observables[name]``; their raw
+            draws too with ``keep_draws``.
 
     ``lr`` or ``localization`` left unset are calibrated (:func:`slt_tools.calibrate_llc`) and the result is checked
     for convergence; the calibration record is ``result.diagnostics.calibration``.
     """
     config = LLCConfig.from_kwargs(config, **settings)
     with model_mode(model, config.model_mode):
-        result = _estimate(model, loader, loss_fn, config, chain_ids, device, progress)
+        result = _estimate(model, loader, loss_fn, config, chain_ids, device, progress, observables, keep_draws)
     if logger is not None:
         logger.log_llc(result)
     return result
@@ -438,14 +449,20 @@ def step_size_check(problem: LLCProblem, main: LLCResult, config: LLCConfig) -> 
 
 
 def _estimate(model: nn.Module, loader: Any, loss_fn: LossFn, config: LLCConfig, chain_ids: Sequence[int] | None,
-              device: str | torch.device | None, progress: bool | None) -> LLCResult:
+              device: str | torch.device | None, progress: bool | None, observables: Any = None,
+              keep_draws: bool = False) -> LLCResult:
     """Prepare once, calibrate what is unset, then one plain run or the checked run."""
     problem = LLCProblem.build(model, loader, loss_fn, config.restrict_to, device)
+    observe = None
+    if observables:
+        observe = dict(observables=prepare_observables(model, problem.layout, problem.theta0, observables),
+                       keep_draws=keep_draws)
     if not (config.calibrated or config.extensions_allowed > 0 or config.probe_enabled):
-        result = sample(problem, config, chain_ids=chain_ids, progress=bool(progress))
+        result = sample(problem, config, chain_ids=chain_ids, progress=bool(progress), **(observe or {}))
     else:
-        result = _driven(problem, config, chain_ids, progress)
-    if config.calibrated and result.diagnostics.converged is False:
+        result = _driven(problem, config, chain_ids, progress, observe)
+    if config.calibrated and result.diagnostics.converged is False and not observe:
+        # (with observables the SGLD run's statistics are the result's: no replacement by an ULD run without them)
         result = _degenerate_fallback(model, loader, loss_fn, result, config, device)
     if config.step_check:
         used = config.replace(**{k: result.hyperparameters[k] for k in ("lr", "localization", "num_burnin_steps",
@@ -512,8 +529,8 @@ def _degenerate_fallback(model: nn.Module, loader: Any, loss_fn: LossFn, result:
     return uld
 
 
-def _driven(problem: LLCProblem, config: LLCConfig, chain_ids: Sequence[int] | None, progress: bool | None
-            ) -> LLCResult:
+def _driven(problem: LLCProblem, config: LLCConfig, chain_ids: Sequence[int] | None, progress: bool | None,
+            observe: dict[str, Any] | None = None) -> LLCResult:
     """The self-calibrating path: calibrate what is unset, then the checked run, within the budget."""
     budget = _Budget(config.budget_steps or DEFAULT_BUDGET_STEPS, config.budget_seconds)
     status = _Status(progress if config.calibrated else bool(progress), budget.steps)
@@ -530,6 +547,6 @@ def _driven(problem: LLCProblem, config: LLCConfig, chain_ids: Sequence[int] | N
                                     num_burnin_steps=max(config.num_burnin_steps or 0, calib.num_burnin_steps),
                                     max_extensions=config.extensions_allowed, convergence_probe=config.probe_enabled)
         return _checked_run(problem, config, calib, calib is not None and user_lr is None,
-                            calib is not None and user_gamma is None, chain_ids, progress, budget, status)
+                            calib is not None and user_gamma is None, chain_ids, progress, budget, status, observe)
     finally:
         status.close()

@@ -83,6 +83,7 @@ def run_chains(
     init_spread: float = 0.0,
     fixed_shapes: bool = False,
     noise_seeds: Sequence[int] | None = None,
+    on_draw: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> ChainOutput:
     """Run the chains ``chain_ids`` from w* = ``theta0`` (shape (D,)) and record the minibatch loss at each draw.
 
@@ -94,7 +95,12 @@ def run_chains(
 
     ``theta0`` may also be (C, D), one centre per chain: a refined run samples each (restriction, chain) pair in its
     restriction's own coordinates (:mod:`slt_tools.sampling.refined`), with the centres w*[idx_r] and the noise
-    streams ``noise_seeds`` (default: (seed, c) for chain c)."""
+    streams ``noise_seeds`` (default: (seed, c) for chain c).
+
+    ``on_draw(θ, losses)``, if given, is called at every draw with the chains' (C, D) parameters of that draw and
+    their (C,) minibatch losses (e.g. :class:`slt_tools.sampling.observables.ObservableHook`: observables on a probe
+    set into device-side streaming accumulators). It must not change θ and should not synchronise with the host;
+    without it the loop is unchanged."""
     device, dtype = theta0.device, theta0.dtype
     C, D = len(chain_ids), theta0.shape[-1]
     draw_noise = NoisePool(chain_ids, seed, D, device, dtype, seeds=noise_seeds)
@@ -133,6 +139,8 @@ def run_chains(
                                                                  sampler.state, hp)
             if t >= num_burnin_steps and (t - num_burnin_steps) % num_steps_bw_draws == 0:
                 pending.append(losses)
+                if on_draw is not None:
+                    on_draw(theta, losses)
             if use_mala and t % mala_every == mala_every - 1:
                 # loss and gradient at the proposal on the same batch (through the same graph; its update is dropped)
                 prop_loss, prop_grad, _, _ = loss_grad.step(new_theta, theta0, batch, noise, sampler.kind,

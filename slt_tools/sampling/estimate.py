@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -40,9 +40,22 @@ from slt_tools.sampling.functional import (
     make_loss,
     select_parameters,
 )
+from slt_tools.sampling.observables import (
+    BoundFn,
+    Observable,
+    ObservableFn,
+    ObservableHook,
+    summarize_observables,
+)
+from slt_tools.sampling.observables import prepare as prepare_observables
 from slt_tools.sampling.result import CompileFallbackWarning, LLCResult, VmapFallbackWarning, summarize
 from slt_tools.sampling.samplers import Sampler
 from slt_tools.sampling.steps import BatchedLossGrad
+
+#: observables bound to θ, and their shapes (:func:`slt_tools.sampling.observables.prepare`)
+PreparedObservables = tuple[list[tuple[str, BoundFn]], dict[str, list[int]]]
+#: the engine's per-draw hook: (θ (C, D), minibatch losses (C,)) ↦ None
+DrawHook = Callable[[torch.Tensor, torch.Tensor], None]
 
 
 def default_nbeta(num_samples: int, batch_size: int, convention: str = "dataset") -> float:
@@ -159,19 +172,22 @@ def _chain_ids(config: LLCConfig, chain_ids: Sequence[int] | None) -> list[int]:
     return ids
 
 
-def _run_blocks(problem: LLCProblem, config: LLCConfig, hp: dict[str, Any], ids: list[int], progress: bool
-                ) -> tuple[list[ChainOutput], BatchedLossGrad]:
-    """All chains, ``chain_chunk_size`` at a time, through one step interface."""
+def _run_blocks(problem: LLCProblem, config: LLCConfig, hp: dict[str, Any], ids: list[int], progress: bool,
+                make_hook: Callable[[], DrawHook] | None = None) -> tuple[list[ChainOutput], BatchedLossGrad]:
+    """All chains, ``chain_chunk_size`` at a time, through one step interface; with ``make_hook`` each block gets
+    its own per-draw hook (the engine's ``on_draw``)."""
     def make_sampler() -> Sampler:
         return Sampler(config.sampler, hp["lr"], hp["localization"], hp["nbeta"], **config.sampler_kwargs)
 
     loss_grad = BatchedLossGrad(problem.loss_at, vectorize=config.vectorize, compile=config.compile)
     chunk = config.chain_chunk_size or len(ids)
-    outputs = [run_chains(loss_grad, problem.theta0, problem.data.stream(data_seed(config.seed)), make_sampler,
-                          ids[i:i + chunk], config.seed, config.num_draws, config.num_burnin_steps,
-                          config.num_steps_bw_draws, config.mala_every, progress=progress,
-                          init_spread=config.init_spread, fixed_shapes=problem.data.cached)
-               for i in range(0, len(ids), chunk)]
+    outputs = []
+    for i in range(0, len(ids), chunk):
+        hook = make_hook() if make_hook is not None else None
+        outputs.append(run_chains(loss_grad, problem.theta0, problem.data.stream(data_seed(config.seed)), make_sampler,
+                                  ids[i:i + chunk], config.seed, config.num_draws, config.num_burnin_steps,
+                                  config.num_steps_bw_draws, config.mala_every, progress=progress,
+                                  init_spread=config.init_spread, fixed_shapes=problem.data.cached, on_draw=hook))
     return outputs, loss_grad
 
 
@@ -186,8 +202,13 @@ def _report_paths(loss_grad: BatchedLossGrad, config: LLCConfig) -> None:
 
 
 def sample(problem: LLCProblem, config: LLCConfig, *, chain_ids: Sequence[int] | None = None,
-           progress: bool = False) -> LLCResult:
-    """One run of the chains ``chain_ids`` (default all) on a prepared problem with the fixed settings ``config``."""
+           progress: bool = False, observables: PreparedObservables | None = None,
+           keep_draws: bool = False, draw_hook: Callable[[], DrawHook] | None = None) -> LLCResult:
+    """One run of the chains ``chain_ids`` (default all) on a prepared problem with the fixed settings ``config``.
+
+    ``observables`` (from :func:`slt_tools.sampling.observables.prepare`) are evaluated at every draw into streaming
+    accumulators (``result.observables``; their raw draws too with ``keep_draws``). ``draw_hook`` makes a hook per
+    chain block for other per-draw statistics (e.g. :func:`slt_tools.bif`); the caller keeps what it made."""
     if config.lr is None or config.localization is None:
         raise ValueError("sample_llc needs lr and localization; leave them unset only with slt_tools.estimate_llc, "
                          "which calibrates them")
@@ -197,7 +218,13 @@ def sample(problem: LLCProblem, config: LLCConfig, *, chain_ids: Sequence[int] |
     ids = _chain_ids(config, chain_ids)
     hp = hyperparameters(config, problem, len(ids))
     start = time.perf_counter()
-    outputs, loss_grad = _run_blocks(problem, config, hp, ids, progress)
+    hooks: list[ObservableHook] = []
+    make_hook = draw_hook
+    if observables and observables[0]:
+        def make_hook() -> DrawHook:
+            hooks.append(ObservableHook(observables[0], keep_draws=keep_draws))
+            return hooks[-1]
+    outputs, loss_grad = _run_blocks(problem, config, hp, ids, progress, make_hook)
     trace = torch.cat([o.loss_trace for o in outputs]).double().cpu().numpy()
     wall = time.perf_counter() - start
     _report_paths(loss_grad, config)
@@ -210,7 +237,11 @@ def sample(problem: LLCProblem, config: LLCConfig, *, chain_ids: Sequence[int] |
                                  data_cached=problem.data.cached, steps_run=min(o.steps_run for o in outputs))
     if config.init_spread > 0:
         extra["start_distance"] = torch.cat([o.start_distance for o in outputs]).double().cpu().tolist()
-    return summarize(trace, problem.init_loss, hp, ids, mala, config.on_divergence, extra)
+    result = summarize(trace, problem.init_loss, hp, ids, mala, config.on_divergence, extra)
+    if hooks:
+        assert observables is not None
+        result.observables = summarize_observables(hooks, observables[1])
+    return result
 
 
 class ModeWarning(RuntimeWarning):
@@ -239,12 +270,20 @@ def model_mode(model: nn.Module, mode: str) -> Iterator[None]:
 
 def sample_llc(model: nn.Module, loader: Any, loss_fn: LossFn, config: LLCConfig, *,
                chain_ids: Sequence[int] | None = None, device: str | torch.device | None = None,
-               progress: bool = False, logger: Any = None) -> LLCResult:
+               progress: bool = False, logger: Any = None,
+               observables: Mapping[str, ObservableFn] | Sequence[Observable] | None = None,
+               keep_draws: bool = False) -> LLCResult:
     """λ̂(w*) of ``model`` at its current weights from one run with the fixed settings ``config`` (``lr`` and
-    ``localization`` set). The model is not modified. See :func:`slt_tools.estimate_llc` for the arguments."""
+    ``localization`` set). The model is not modified. See :func:`slt_tools.estimate_llc` for the arguments.
+
+    ``observables`` (``{name: fn(model) -> tensor}`` or :class:`~slt_tools.sampling.observables.Observable` objects,
+    e.g. :func:`~slt_tools.sampling.observables.per_sample_loss`) are evaluated at every draw; their streaming
+    statistics are ``result.observables[name]`` (:mod:`slt_tools.sampling.observables`)."""
     with model_mode(model, config.model_mode):
         problem = LLCProblem.build(model, loader, loss_fn, config.restrict_to, device)
-        result = sample(problem, config, chain_ids=chain_ids, progress=progress)
+        prepared = prepare_observables(model, problem.layout, problem.theta0, observables) if observables else None
+        result = sample(problem, config, chain_ids=chain_ids, progress=progress, observables=prepared,
+                        keep_draws=keep_draws)
     if logger is not None:
         logger.log_llc(result)
     return result

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,15 +49,24 @@ from slt_tools.restrictions.core import Restriction, collect, flat_masks, group_
 from slt_tools.sampling.calibration import calibrate
 from slt_tools.sampling.config import LLCConfig
 from slt_tools.sampling.engine import ChainOutput, data_seed, run_chains
-from slt_tools.sampling.estimate import LLCProblem, hyperparameters, model_mode
+from slt_tools.sampling.estimate import LLCProblem, PreparedObservables, hyperparameters, model_mode
 from slt_tools.sampling.functional import FlatParams, LossFn, make_loss
 from slt_tools.sampling.noise import restriction_chain_seed
+from slt_tools.sampling.observables import (
+    Observable,
+    ObservableFn,
+    ObservableHook,
+    chains_of,
+    stats_from_chains,
+)
+from slt_tools.sampling.observables import prepare as prepare_observables
 from slt_tools.sampling.refined_result import RefinedLLCResult
 from slt_tools.sampling.result import (
     CompileFallbackWarning,
     LLCDivergenceError,
     LLCResult,
     LLCWarning,
+    ObservableStats,
     VmapFallbackWarning,
     summarize,
 )
@@ -135,8 +144,11 @@ def _pairs(group: RefinedGroup, ids: list[int], seed: int) -> tuple[list[tuple[s
 
 
 def _run_group(problem: RefinedProblem, group: RefinedGroup, config: LLCConfig, hp: dict[str, Any], ids: list[int],
-               progress: bool) -> tuple[list[ChainOutput], list[list[tuple[str, int]]], BatchedLossGrad]:
-    """Every (restriction, chain) pair of one group, ``chain_chunk_size`` pairs at a time."""
+               progress: bool, hooks: list[ObservableHook] | None = None,
+               make_hook: Callable[[Any], ObservableHook] | None = None
+               ) -> tuple[list[ChainOutput], list[list[tuple[str, int]]], BatchedLossGrad]:
+    """Every (restriction, chain) pair of one group, ``chain_chunk_size`` pairs at a time; with ``make_hook``,
+    one observable hook per block (given the block's lift context), appended to ``hooks``."""
     def make_sampler() -> Sampler:
         return Sampler(config.sampler, hp["lr"], hp["localization"], hp["nbeta"], **config.sampler_kwargs)
 
@@ -154,11 +166,16 @@ def _run_group(problem: RefinedProblem, group: RefinedGroup, config: LLCConfig, 
             for batch in problem.base.data.stream(data_seed(config.seed)):
                 yield context, batch
 
+        hook = make_hook(context) if make_hook is not None else None
+        if hook is not None and hooks is not None:
+            hooks.append(hook)
+
         outputs.append(run_chains(loss_grad, group.theta0[index], batches(), make_sampler,
                                   [c for _, c in pairs[i:i + chunk]], config.seed, config.num_draws,
                                   config.num_burnin_steps, config.num_steps_bw_draws, config.mala_every,
                                   progress=progress, init_spread=config.init_spread,
-                                  fixed_shapes=problem.base.data.cached, noise_seeds=seeds[i:i + chunk]))
+                                  fixed_shapes=problem.base.data.cached, noise_seeds=seeds[i:i + chunk],
+                                  on_draw=hook))
         chunks.append(pairs[i:i + chunk])
     return outputs, chunks, loss_grad
 
@@ -226,9 +243,31 @@ def _summarize_all(per: dict[str, dict[str, list[Any]]], problem: RefinedProblem
     return results
 
 
+def _group_observables(per_group: list[tuple[list[ChainOutput], list[ObservableHook], list[list[tuple[str, int]]]]],
+                       shapes: dict[str, list[int]], names: Sequence[str]) -> dict[str, dict[str, ObservableStats]]:
+    """Per restriction and observable: the statistics of that restriction's chains, picked out of the blocks."""
+    out: dict[str, dict[str, ObservableStats]] = {}
+    for _, hooks, chunks in per_group:
+        for obs in shapes:
+            picked: dict[str, list[tuple[list[Any], Any]]] = {}
+            for hook, pairs in zip(hooks, chunks):
+                for name in dict.fromkeys(n for n, _ in pairs):
+                    picked.setdefault(name, []).append(
+                        chains_of(hook.acc[obs], [j for j, (n, _) in enumerate(pairs) if n == name]))
+            for name, got in picked.items():
+                draws = np.concatenate([d for _, d in got]) if got[0][1] is not None else None
+                out.setdefault(name, {})[obs] = stats_from_chains(obs, shapes[obs], [c for cs, _ in got for c in cs],
+                                                                  draws)
+    return {n: out.get(n, {}) for n in names}
+
+
 def sample_refined(problem: RefinedProblem, config: LLCConfig, *, chain_ids: Sequence[int] | None = None,
-                   progress: bool = False) -> RefinedLLCResult:
-    """One batched run of every (restriction, chain) pair with the fixed settings ``config``."""
+                   progress: bool = False, observables: list[PreparedObservables] | None = None,
+                   keep_draws: bool = False, reference: str | None = None) -> RefinedLLCResult:
+    """One batched run of every (restriction, chain) pair with the fixed settings ``config``. ``observables``: one
+    prepared set per group of ``problem.groups`` (bound to that group's layout), evaluated at every draw of every
+    pair; ``result[name].observables`` holds restriction ``name``'s statistics (covariances with the minibatch loss,
+    or with the scalar observable ``reference``)."""
     if config.lr is None or config.localization is None:
         raise ValueError("sample_refined needs lr and localization; slt_tools.estimate_refined_llc calibrates them "
                          "on the whole model when unset")
@@ -242,9 +281,17 @@ def sample_refined(problem: RefinedProblem, config: LLCConfig, *, chain_ids: Seq
     start = time.perf_counter()
     per: dict[str, dict[str, list[Any]]] = {}
     runs: dict[str, dict[str, Any]] = {}
-    for group in problem.groups:
+    per_group = []
+    for g, group in enumerate(problem.groups):
         t0 = time.perf_counter()
-        outputs, chunks, loss_grad = _run_group(problem, group, config, hp, ids, progress)
+        hooks: list[ObservableHook] = []
+        make_hook = None
+        if observables:
+            def make_hook(context: Any, bound: Any = observables[g][0]) -> ObservableHook:
+                return ObservableHook(bound, keep_draws=keep_draws, lift=scatter_lift, context=context,
+                                      reference=reference)
+        outputs, chunks, loss_grad = _run_group(problem, group, config, hp, ids, progress, hooks, make_hook)
+        per_group.append((outputs, hooks, chunks))
         gathered = _gather(outputs, chunks)
         _report_paths(loss_grad, config)
         facts = dict(vectorized=loss_grad.vectorized, fallback_reason=loss_grad.fallback_reason,
@@ -254,6 +301,9 @@ def sample_refined(problem: RefinedProblem, config: LLCConfig, *, chain_ids: Seq
         per.update(gathered)
         runs.update(dict.fromkeys(group.names, facts))
     results = _summarize_all(per, problem, hp, ids, config, runs)
+    if observables:
+        for name, stats in _group_observables(per_group, observables[0][1], list(results)).items():
+            results[name].observables = stats
     shared = {k: v for k, v in hp.items() if k not in ("restrict_to", "num_params")}
     return RefinedLLCResult(results, {n: r.to_dict() for n, r in problem.restrictions.items()},
                             problem.base.init_loss, shared, time.perf_counter() - start)
@@ -262,7 +312,9 @@ def sample_refined(problem: RefinedProblem, config: LLCConfig, *, chain_ids: Seq
 def estimate_refined_llc(model: nn.Module, loader: Any, loss_fn: LossFn, restrictions: Restrictions,
                          config: LLCConfig | None = None, *, partition: bool = False,
                          chain_ids: Sequence[int] | None = None, device: str | torch.device | None = None,
-                         progress: bool = False, **settings: Any) -> RefinedLLCResult:
+                         progress: bool = False,
+                         observables: Mapping[str, ObservableFn] | Sequence[Observable] | None = None,
+                         keep_draws: bool = False, **settings: Any) -> RefinedLLCResult:
     """Refined LLC λ̂_r of every restriction r, all (restriction, chain) pairs in one batched run (module docstring).
 
     Args:
@@ -276,6 +328,8 @@ def estimate_refined_llc(model: nn.Module, loader: Any, loss_fn: LossFn, restric
             ``result.calibration``.
         partition: require the restrictions to be pairwise disjoint (``ValueError`` naming an overlapping pair).
         chain_ids: which chains of every restriction to compute (default ``range(num_chains)``).
+        observables / keep_draws: as for :func:`slt_tools.sample_llc`, evaluated at every draw of every
+            (restriction, chain) pair, at the full weights (w* outside the restriction); ``res[name].observables``.
 
     Returns a :class:`RefinedLLCResult`: ``res["l1h3"]`` is that restriction's :class:`LLCResult`, ``res.table()``
     a tidy table. Chain c of restriction r depends on (seed, r's name, c) alone: sampling r by itself gives the same
@@ -292,6 +346,10 @@ def estimate_refined_llc(model: nn.Module, loader: Any, loss_fn: LossFn, restric
             config = config.replace(lr=calibration.lr, localization=calibration.localization,
                                     num_draws=max(config.num_draws, calibration.num_draws),
                                     num_burnin_steps=max(config.num_burnin_steps or 0, calibration.num_burnin_steps))
-        result = sample_refined(problem, config, chain_ids=chain_ids, progress=progress)
+        prepared = None
+        if observables:
+            prepared = [prepare_observables(model, g.layout, g.theta0, observables) for g in problem.groups]
+        result = sample_refined(problem, config, chain_ids=chain_ids, progress=progress, observables=prepared,
+                                keep_draws=keep_draws)
     result.calibration = calibration.to_dict() if calibration is not None else None
     return result

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -88,7 +88,7 @@ LOW_ACCEPTANCE = 0.9
 # --------------------------------------------------------------------------------------------------- JSON helpers
 def json_safe(x: Any) -> Any:
     """Plain JSON values: numpy scalars/arrays converted, non-finite floats as None, records via ``to_dict``."""
-    if isinstance(x, Record):
+    if isinstance(x, Record) or (hasattr(x, "to_dict") and hasattr(x, "__dataclass_fields__")):
         return x.to_dict()
     if isinstance(x, dict):
         return {str(k): json_safe(v) for k, v in x.items()}
@@ -288,6 +288,37 @@ class LLCDiagnostics(Record):
 
 
 @dataclass
+class ObservableStats:
+    """Posterior statistics of one observable φ ∈ R^K (K = ``shape`` flattened) from a run's draws.
+
+    ``mean_per_chain`` (C, K) and ``cov_with_loss_per_chain`` (C, K) are within-chain; ``mean``, ``var`` and
+    ``cov_with_loss`` pool every chain's draws (Chan merge); ``mean_sem``/``cov_with_loss_sem`` are the spread of the
+    per-chain values over √C. ``draws`` (C, T, K) only with ``keep_draws=True``."""
+
+    name: str
+    shape: list[int]
+    num_draws: int
+    mean_per_chain: np.ndarray
+    mean: np.ndarray
+    mean_sem: np.ndarray
+    var: np.ndarray
+    cov_with_loss_per_chain: np.ndarray
+    cov_with_loss: np.ndarray
+    cov_with_loss_sem: np.ndarray
+    draws: np.ndarray | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe({k: getattr(self, k) for k in self.__dataclass_fields__})
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ObservableStats:
+        arrays = ("mean_per_chain", "mean", "mean_sem", "var", "cov_with_loss_per_chain", "cov_with_loss",
+                  "cov_with_loss_sem", "draws")
+        return cls(**{k: (np.array(v, dtype=float) if k in arrays and v is not None else v) for k, v in d.items()})
+
+
+@dataclass
 class LLCResult:
     """An LLC estimate: per-chain values, traces, hyperparameters and diagnostics.
 
@@ -305,6 +336,35 @@ class LLCResult:
     hyperparameters: dict[str, Any]
     diagnostics: LLCDiagnostics
     chain_ids: list[int] = field(default_factory=list)
+    #: name → :class:`slt_tools.sampling.observables.ObservableStats` (runs with ``observables=``)
+    observables: dict[str, Any] = field(default_factory=dict)
+
+    def _wbic_applies(self) -> bool:
+        n = self.hyperparameters.get("num_samples")
+        nbeta = self.hyperparameters.get("nbeta")
+        return bool(n and n >= 2 and nbeta and math.isclose(float(nbeta), n / math.log(n), rel_tol=1e-9))
+
+    @property
+    def wbic(self) -> float | None:
+        """WBIC = n·E_β[L_n] at β = 1/log n (Watanabe 2013, "A widely applicable Bayesian information criterion",
+        JMLR 14, eq. (4)), estimated by n × the mean minibatch loss over the kept chains' draws; None unless the run
+        is at nβ = n/log n (the default "dataset" convention). The posterior is the localised one (Gaussian
+        prior N(w*, γ⁻¹I) centred at w*), so this is the WBIC of that local model."""
+        if not self._wbic_applies():
+            return None
+        kept = np.isfinite(self.llc_per_chain)
+        return float(self.hyperparameters["num_samples"] * np.nanmean(self.loss_trace[kept]))
+
+    @property
+    def wbic_sem(self) -> float | None:
+        """Standard error of :attr:`wbic`: n × the spread of the kept chains' mean losses / √C."""
+        if not self._wbic_applies():
+            return None
+        kept = np.isfinite(self.llc_per_chain)
+        means = np.nanmean(self.loss_trace[kept], axis=1)
+        if len(means) < 2:
+            return float("nan")
+        return float(self.hyperparameters["num_samples"] * means.std(ddof=1) / math.sqrt(len(means)))
 
     @property
     def llc_trace(self) -> np.ndarray:
@@ -326,6 +386,8 @@ class LLCResult:
         for key in ("llc_mean", "llc_std", "llc_sem", "init_loss"):
             d[key] = float("nan") if d[key] is None else float(d[key])
         d["diagnostics"] = LLCDiagnostics.from_dict(d["diagnostics"])
+        if d.get("observables"):
+            d["observables"] = {k: ObservableStats.from_dict(v) for k, v in d["observables"].items()}
         return cls(**d)
 
     @classmethod
