@@ -58,7 +58,7 @@ def test_midpoint_bend_is_the_line():
         curve_point(a, a, b, 0.5, "spline")
 
 
-def test_planted_permutation_has_no_barrier_after_alignment():
+def test_planted_permutation_has_no_barrier_after_alignment(tmp_path):
     x, y, loader = _data()
     model = _trained(0, x, y)
     moved = _permuted(model, 3)
@@ -71,6 +71,8 @@ def test_planted_permutation_has_no_barrier_after_alignment():
     # the line is the one interpolate() reports: connect reuses it
     ref = interpolate(model, moved, loader, _loss, num_points=11)
     np.testing.assert_allclose(res.raw.line.losses, ref.losses)
+    fig = slt.plots.plot_connection(res, path=tmp_path / "connect.png")
+    assert (tmp_path / "connect.png").stat().st_size > 0 and len(fig.axes[0].lines) == 4
 
 
 @pytest.mark.parametrize("curve", ["bezier", "polychain"])

@@ -70,7 +70,7 @@ def test_cg_matches_cholesky():
         assert b.train_loss == pytest.approx(a.train_loss, rel=1e-5, abs=1e-9)
 
 
-def test_classification_and_kernel_gap():
+def test_classification_and_kernel_gap(tmp_path):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(200, 2, generator=g)
     labels = (x[:, 0] * x[:, 1] > 0).long()
@@ -93,6 +93,8 @@ def test_classification_and_kernel_gap():
     np.testing.assert_allclose(gap.gap, gap.kernel_loss - gap.network_loss[-1])
     assert gap.kernel_loss[-1] == pytest.approx(res.test_loss, rel=1e-5)
     assert slt.geometry.kernel_regression is kernel_regression
+    slt.plots.plot_kernel_gap(gap, path=tmp_path / "gap.png")
+    assert (tmp_path / "gap.png").stat().st_size > 0
 
 
 def test_bad_input():
