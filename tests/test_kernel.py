@@ -49,6 +49,9 @@ def test_linear_model_is_ridge_regression(kernel):
     eff = lam if kernel == "per_output" else lam / 2
     assert res.test_loss == pytest.approx(_ridge_primal(model, train, test, eff), rel=1e-8)
     assert res.test_accuracy is None and res.solver == "cholesky" and res.n_train == 60
+    model.train()
+    kernel_regression(model, train, test, ridge=lam, kernel=kernel)
+    assert model.training  # the caller's mode is restored
 
 
 def test_cg_matches_cholesky():

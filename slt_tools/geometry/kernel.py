@@ -67,8 +67,8 @@ def _targets(y: torch.Tensor, out_dim: int) -> tuple[torch.Tensor, bool]:
     if not y.is_floating_point():
         if y.ndim != 1 or int(y.max()) >= out_dim or int(y.min()) < 0:
             raise ValueError(f"integer targets must be labels in [0, {out_dim}) of shape (N,)")
-        return torch.nn.functional.one_hot(y.long(), out_dim).double(), True
-    y = y.reshape(len(y), -1).double()
+        return torch.nn.functional.one_hot(y.long().cpu(), out_dim).double(), True
+    y = y.reshape(len(y), -1).double().cpu()
     if y.shape[1] != out_dim:
         raise ValueError(f"targets have {y.shape[1]} columns, the model {out_dim} outputs")
     return y, False
@@ -198,8 +198,19 @@ def kernel_regression(model: nn.Module, train: Any, test: Any, ridge: float = 1e
         raise ValueError(f"solver must be 'auto', 'cholesky' or 'cg', got {solver!r}")
     if ridge < 0:
         raise ValueError("ridge must be non-negative")
-    (xtr, ytr), (xte, yte) = _split(train), _split(test)
-    model = model.eval()
+    was_training = model.training
+    model.eval()
+    try:
+        return _kernel_regression(model, _split(train), _split(test), ridge, kernel, solver, offset, chunk_size, rtol,
+                                  maxiter, max_cache_bytes)
+    finally:
+        model.train(was_training)
+
+
+def _kernel_regression(model: nn.Module, train: Data, test: Data, ridge: float, kernel: str, solver: str,
+                       offset: bool, chunk_size: int, rtol: float, maxiter: int | None, max_cache_bytes: float
+                       ) -> KernelRegression:
+    (xtr, ytr), (xte, yte) = train, test
     jac_tr = _Jacobians(model, xtr, chunk_size, max_cache_bytes)
     o = jac_tr.out_dim
     ytr_, is_cls = _targets(ytr, o)
