@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slt_tools.geometry import empirical_ntk, kernel_regression
+from slt_tools.geometry import empirical_ntk, kernel_gap, kernel_regression
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,7 +48,7 @@ class Config:
     steps: int = 1500
     lr: float = 3e-3
     freeze_at: tuple[int, ...] = (0, 100, 400, 1500)
-    ridges: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
+    ridges: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 def teacher(d: int, seed: int = 123) -> nn.Module:
@@ -148,7 +148,11 @@ def run(cfg: Config) -> dict:
                 ridge_used[f"entk@{s}"].append(r)
         print(f"n={n}: " + ", ".join(f"{m} {losses[m][i].mean():.4g}" for m in methods), flush=True)
     ns = np.array(cfg.ns, dtype=float)
-    return {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()},
+    gap = kernel_gap([frozen[s] for s in cfg.freeze_at], lambda: student(cfg), big, test, steps=cfg.freeze_at,
+                     ridge=1e-2 * float(np.median(list(scales.values()))), kernel="traced", offset=False)
+    return {"kernel_gap": {"steps": gap.steps.tolist(), "kernel_loss": gap.kernel_loss.tolist(),
+                           "network_loss": gap.network_loss.tolist(), "gap": gap.gap.tolist()},
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()},
             "noise_floor": cfg.noise ** 2, "losses": {m: v.tolist() for m, v in losses.items()},
             "exponents": {m: fit_exponent(ns, v) for m, v in losses.items()},
             "ridges_chosen": ridge_used}
@@ -189,6 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
     figure(res, args.fig or ROOT / "docs" / "figures" / f"ntk_scaling_{tag}.png")
+    from slt_tools.geometry import KernelGap
+    from slt_tools.plots import plot_kernel_gap
+
+    g = res["kernel_gap"]
+    plot_kernel_gap(KernelGap(np.array(g["steps"]), np.array(g["kernel_loss"]), np.array(g["network_loss"]), None,
+                              None), path=ROOT / "docs" / "figures" / f"ntk_kernel_gap_{tag}.png",
+                    title=f"Kernel gap over training (n = {max(cfg.ns)})")
     print(json.dumps(res["exponents"], indent=1), f"\nwall {res['wall_s']:.0f} s")
     return 0
 
