@@ -178,11 +178,38 @@ def figure(res: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def log_wandb(res: dict, figures: list[Path], mode: str | None = None, dir: Path | None = None) -> None:
+    """Losses per n (x-axis ``data/n``), the kernel gap per step (``train/step``), exponents in the summary and the
+    figures, through :class:`slt_tools.logging.WandbLogger` (offline unless W&B is configured)."""
+    from slt_tools.logging import WandbLogger
+
+    logger = WandbLogger(name="ntk_scaling", config=res["config"], mode=mode, dir=dir)
+    run = logger.run
+    if run is None:
+        return
+    run.define_metric("scaling/*", step_metric="data/n")
+    run.define_metric("kernel_gap/*", step_metric="train/step")
+    for i, n in enumerate(res["config"]["ns"]):
+        run.log({"data/n": n, **{f"scaling/{m}": float(np.mean(v[i])) for m, v in res["losses"].items()}})
+    g = res["kernel_gap"]
+    for j, step in enumerate(g["steps"]):
+        run.log({"train/step": step, "kernel_gap/kernel_loss": g["kernel_loss"][j],
+                 "kernel_gap/network_loss": g["network_loss"][j], "kernel_gap/gap": g["gap"][j]})
+    for m, e in res["exponents"].items():
+        for k, v in e.items():
+            run.summary[f"exponent/{m}/{k}"] = v
+    import wandb
+
+    run.log({f"figures/{f.stem}": wandb.Image(str(f)) for f in figures if f.exists()})
+    logger.finish()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--full", action="store_true", help="n up to 4096, 5 seeds")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--fig", type=Path, default=None)
+    p.add_argument("--wandb", action="store_true", help="log losses, kernel gap, exponents and figures to W&B")
     args = p.parse_args(argv)
     cfg = Config(ns=(32, 64, 128, 256, 512, 1024, 2048, 4096), seeds=5) if args.full else Config()
     tag = "full" if args.full else "quick"
@@ -192,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or ROOT / "experiments" / "results" / f"ntk_scaling_{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
-    figure(res, args.fig or ROOT / "docs" / "figures" / f"ntk_scaling_{tag}.png")
+    fig_path = args.fig or ROOT / "docs" / "figures" / f"ntk_scaling_{tag}.png"
+    figure(res, fig_path)
     from slt_tools.geometry import KernelGap
     from slt_tools.plots import plot_kernel_gap
 
@@ -200,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     plot_kernel_gap(KernelGap(np.array(g["steps"]), np.array(g["kernel_loss"]), np.array(g["network_loss"]), None,
                               None), path=ROOT / "docs" / "figures" / f"ntk_kernel_gap_{tag}.png",
                     title=f"Kernel gap over training (n = {max(cfg.ns)})")
+    if args.wandb:
+        log_wandb(res, [fig_path, ROOT / "docs" / "figures" / f"ntk_kernel_gap_{tag}.png"])
     print(json.dumps(res["exponents"], indent=1), f"\nwall {res['wall_s']:.0f} s")
     return 0
 
