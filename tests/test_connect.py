@@ -117,3 +117,23 @@ def test_bad_input():
     with pytest.raises(TypeError, match="swapped"):
         connect(a, a, _loss, loader)
     assert slt.symmetry.connect is connect
+
+
+def test_log_connection_offline(tmp_path, monkeypatch):
+    from slt_tools.logging import WandbLogger, read_offline_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    x, y, loader = _data()
+    a = _trained(0, x, y, steps=50)
+    res = connect(a, _permuted(a, 1), loader, _loss, num_points=5, steps=10)
+    logger = WandbLogger(save_dir=tmp_path / "figs")
+    slt.symmetry.log_connection(res, logger)
+    logger.finish()
+    assert (tmp_path / "figs" / "connect_bezier.png").exists()
+    run = read_offline_run(next((tmp_path / "wandb").glob("offline-run-*")))
+    ts = [r["connect/t"] for r in run["history"] if "connect/t" in r]
+    assert ts == pytest.approx([0, 0.25, 0.5, 0.75, 1.0])
+    assert run["summary"]["connect/barrier/line/raw"] == pytest.approx(res.barriers["line/raw"])

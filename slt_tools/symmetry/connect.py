@@ -202,3 +202,29 @@ def connect(a: nn.Module | Mapping[str, torch.Tensor], b: nn.Module | Mapping[st
     aligned_b, perms = align_models(sa, sb, spec=spec, seed=seed)
     fitted = fit_curve(sa, aligned_b, template, loader, loss_fn, **kw)
     return Connection(curve, definition, raw, fitted, perms)
+
+
+def log_connection(conn: Connection, logger: Any, prefix: str = "connect") -> None:
+    """Log a :class:`Connection` through a :class:`slt_tools.logging.WandbLogger`: the loss along each path against
+    ``{prefix}/t``, the barriers in the run summary, and :func:`slt_tools.plots.plot_connection` as an image (also
+    saved under the logger's ``save_dir``). Nothing happens when W&B is unavailable beyond the saved figure."""
+    from slt_tools.plots import plot_connection
+
+    fig = plot_connection(conn)
+    image = logger._image(fig, f"{prefix}_{conn.curve}.png")
+    run = logger.run
+    if run is None:
+        return
+    run.define_metric(f"{prefix}/loss/*", step_metric=f"{prefix}/t")
+    fits = {"raw": conn.raw, **({"aligned": conn.aligned} if conn.aligned is not None else {})}
+    for i, t in enumerate(conn.raw.line.ts):
+        row = {f"{prefix}/t": float(t)}
+        for which, fit in fits.items():
+            row[f"{prefix}/loss/line_{which}"] = float(fit.line.losses[i])
+            row[f"{prefix}/loss/{conn.curve}_{which}"] = float(fit.path.losses[i])
+        run.log(row)
+    for k, v in conn.barriers.items():
+        run.summary[f"{prefix}/barrier/{k}"] = v
+    run.summary[f"{prefix}/definition"] = conn.definition
+    if image is not None:
+        run.log({f"{prefix}/figure": image})
