@@ -271,3 +271,44 @@ def plot_metrics_trajectory(traj: Any, keys: Sequence[str], path: str | Path | N
     fig.tight_layout()
     _save(fig, path)
     return fig
+
+
+def plot_connection(conn: Any, path: str | Path | None = None, title: str | None = None) -> Any:
+    """Loss along the straight line and the fitted curve (:func:`slt_tools.symmetry.connect`), before and after
+    alignment, with each path's barrier (the connection's definition) in the legend."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fits = [("raw", conn.raw)] + ([("aligned", conn.aligned)] if conn.aligned is not None else [])
+    for k, (which, fit) in enumerate(fits):
+        for path_, style, kind in ((fit.line, "--", "line"), (fit.path, "-", conn.curve)):
+            ax.plot(path_.ts, path_.losses, style, marker="o", ms=3, color=f"C{k}",
+                    label=f"{kind}, {which} (barrier {path_.barrier(conn.definition):.3g})")
+    ax.set_xlabel("t along the path")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3, lw=0.4)
+    ax.legend(fontsize=8, loc="best", framealpha=0.9)
+    ax.set_title(title or f"Mode connectivity: line vs {conn.curve}")
+    fig.tight_layout()
+    _save(fig, path)
+    return fig
+
+
+def plot_kernel_gap(gap: Any, path: str | Path | None = None, title: str | None = None) -> Any:
+    """Test loss of eNTK regression with each checkpoint's kernel vs the network at that checkpoint
+    (:func:`slt_tools.geometry.kernel_gap`), over training."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = np.asarray(gap.steps, dtype=float)
+    ax.plot(steps, gap.kernel_loss, "o-", ms=3, label="eNTK regression (kernel frozen at the checkpoint)")
+    ax.plot(steps, gap.network_loss, "s-", ms=3, label="network at the checkpoint")
+    ax.axhline(gap.network_loss[-1], color="grey", lw=0.8, ls=":", label="final network")
+    _log_x(ax, steps)
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("test loss")
+    ax.grid(alpha=0.3, lw=0.4)
+    ax.legend(fontsize=8, loc="best", framealpha=0.9)
+    ax.set_title(title or "Kernel gap over training")
+    fig.tight_layout()
+    _save(fig, path)
+    return fig

@@ -9,6 +9,7 @@ from slt_tools.geometry.hessian import (
     hessian_trace,
     lanczos,
 )
+from slt_tools.geometry.kernel import KernelGap, KernelRegression, kernel_gap, kernel_regression
 from slt_tools.geometry.ntk import (
     empirical_ntk,
     kernel_distance,
@@ -17,6 +18,6 @@ from slt_tools.geometry.ntk import (
     ntk_summary,
 )
 
-__all__ = ["HessianConvergenceWarning", "HessianOperator", "Spectrum", "empirical_ntk", "hessian_eigenvalues",
-           "hessian_spectral_density", "hessian_summary", "hessian_trace", "kernel_distance", "kernel_target_alignment",
-           "kernel_velocity", "lanczos", "ntk_summary"]
+__all__ = ["HessianConvergenceWarning", "HessianOperator", "KernelGap", "KernelRegression", "Spectrum", "empirical_ntk",
+           "hessian_eigenvalues", "hessian_spectral_density", "hessian_summary", "hessian_trace", "kernel_distance",
+           "kernel_gap", "kernel_regression", "kernel_target_alignment", "kernel_velocity", "lanczos", "ntk_summary"]
