@@ -120,7 +120,9 @@ class WandbLogger:
             # current step (written with their next log, or at finish), so their step axis gets no phantom steps
             run.log(dict(data), commit=None if self._owns_run else False)
 
-    def _image(self, fig: Any, filename: str) -> Any:
+    def image(self, fig: Any, filename: str) -> Any:
+        """Save ``fig`` under the logger's directory as ``filename`` (closing it); a ``wandb.Image`` of it when a run
+        is active, else None."""
         path = self.save_dir / filename
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=140, bbox_inches="tight")
@@ -162,7 +164,7 @@ class WandbLogger:
             self._define_step_metric()
             data[STEP_KEY] = step
         tag = f"_step{step}" if step is not None else (f"_{self._n_llc}" if self._n_llc > 1 else "")
-        image = self._image(plot_chain_traces(result, title=f"λ̂ = {result.llc_mean:.4g} ± {result.llc_std:.2g}"),
+        image = self.image(plot_chain_traces(result, title=f"λ̂ = {result.llc_mean:.4g} ± {result.llc_std:.2g}"),
                             f"{prefix}_traces{tag}.png")
         if image is not None:
             data[f"{prefix}/traces"] = image
@@ -195,7 +197,7 @@ class WandbLogger:
         if log_points:
             for step, res in zip(traj.steps, traj.results):
                 self.log_trajectory_point(int(step), res)
-        image = self._image(plot_trajectory(traj, stages=stages), "llc_trajectory.png")
+        image = self.image(plot_trajectory(traj, stages=stages), "llc_trajectory.png")
         if image is not None:
             self._log({"llc/trajectory": image})
 
@@ -214,7 +216,7 @@ class WandbLogger:
         if traj is not None:
             from slt_tools.plots import plot_trajectory
 
-            image = self._image(plot_trajectory(traj, stages=stages, title="LLC over training with stages"),
+            image = self.image(plot_trajectory(traj, stages=stages, title="LLC over training with stages"),
                                 "stages.png")
             if image is not None:
                 data["stages/figure"] = image

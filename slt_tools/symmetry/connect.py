@@ -211,7 +211,7 @@ def log_connection(conn: Connection, logger: Any, prefix: str = "connect") -> No
     from slt_tools.plots import plot_connection
 
     fig = plot_connection(conn)
-    image = logger._image(fig, f"{prefix}_{conn.curve}.png")
+    image = logger.image(fig, f"{prefix}_{conn.curve}.png")
     run = logger.run
     if run is None:
         return
