@@ -10,13 +10,7 @@ import slt_tools as slt
 from slt_tools.symmetry import connect, interpolate, permute, symmetry_spec
 from slt_tools.symmetry.connect import curve_point
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data():

@@ -8,13 +8,7 @@ from torch import nn
 import slt_tools as slt
 from slt_tools.geometry import kernel_gap, kernel_regression
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _linear_data(n=60, m=40, d=5, o=2, seed=0):

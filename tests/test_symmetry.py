@@ -24,13 +24,7 @@ from slt_tools.symmetry.canonical import _scale_units
 ACTS = [nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.GELU]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: intra-op threads only add overhead (and stall badly on a shared machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_mlp(rng):

@@ -191,10 +191,11 @@ def _run_blocks(problem: LLCProblem, config: LLCConfig, hp: dict[str, Any], ids:
     return outputs, loss_grad
 
 
-def _report_paths(loss_grad: BatchedLossGrad, config: LLCConfig) -> None:
-    """A run that lost its fast path says so (every run: it is a fact about this result)."""
+def report_paths(loss_grad: BatchedLossGrad, config: LLCConfig, over: str = "chains") -> None:
+    """A run that lost its fast path says so (every run: it is a fact about this result); ``over``: what the batch
+    holds ("chains", or "(restriction, chain) pairs" for refined runs)."""
     if not loss_grad.vectorized and config.vectorize:
-        warnings.warn(f"model could not be vmapped over chains ({loss_grad.fallback_reason}); ran chains in a loop "
+        warnings.warn(f"model could not be vmapped over {over} ({loss_grad.fallback_reason}); ran them in a loop "
                       "instead (slower, same result)", VmapFallbackWarning, stacklevel=4)
     if config.compile and not loss_grad.compiled:
         warnings.warn(f"torch.compile failed ({loss_grad.compile_error}); ran eagerly instead (same result)",
@@ -227,7 +228,7 @@ def sample(problem: LLCProblem, config: LLCConfig, *, chain_ids: Sequence[int] |
     outputs, loss_grad = _run_blocks(problem, config, hp, ids, progress, make_hook)
     trace = torch.cat([o.loss_trace for o in outputs]).double().cpu().numpy()
     wall = time.perf_counter() - start
-    _report_paths(loss_grad, config)
+    report_paths(loss_grad, config)
     mala = None
     if outputs[0].mala_count:
         mala = torch.cat([o.mala_sum / max(o.mala_count, 1) for o in outputs]).double().cpu().numpy()

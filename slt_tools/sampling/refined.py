@@ -49,7 +49,7 @@ from slt_tools.restrictions.core import Restriction, collect, flat_masks, group_
 from slt_tools.sampling.calibration import calibrate
 from slt_tools.sampling.config import LLCConfig
 from slt_tools.sampling.engine import ChainOutput, data_seed, run_chains
-from slt_tools.sampling.estimate import LLCProblem, PreparedObservables, hyperparameters, model_mode
+from slt_tools.sampling.estimate import LLCProblem, PreparedObservables, hyperparameters, model_mode, report_paths
 from slt_tools.sampling.functional import FlatParams, LossFn, make_loss
 from slt_tools.sampling.noise import restriction_chain_seed
 from slt_tools.sampling.observables import (
@@ -62,12 +62,10 @@ from slt_tools.sampling.observables import (
 from slt_tools.sampling.observables import prepare as prepare_observables
 from slt_tools.sampling.refined_result import RefinedLLCResult
 from slt_tools.sampling.result import (
-    CompileFallbackWarning,
     LLCDivergenceError,
     LLCResult,
     LLCWarning,
     ObservableStats,
-    VmapFallbackWarning,
     summarize,
 )
 from slt_tools.sampling.samplers import Sampler
@@ -212,15 +210,6 @@ def _summarize_one(name: str, rec: dict[str, list[Any]], problem: RefinedProblem
         raise LLCDivergenceError(f"restriction {name!r}: {exc}") from None
 
 
-def _report_paths(loss_grad: BatchedLossGrad, config: LLCConfig) -> None:
-    if not loss_grad.vectorized and config.vectorize:
-        warnings.warn(f"model could not be vmapped over (restriction, chain) pairs ({loss_grad.fallback_reason}); "
-                      "ran them in a loop instead (slower, same result)", VmapFallbackWarning, stacklevel=4)
-    if config.compile and not loss_grad.compiled:
-        warnings.warn(f"torch.compile failed ({loss_grad.compile_error}); ran eagerly instead (same result)",
-                      CompileFallbackWarning, stacklevel=4)
-
-
 def _summarize_all(per: dict[str, dict[str, list[Any]]], problem: RefinedProblem, hp: dict[str, Any],
                    ids: list[int], config: LLCConfig, runs: dict[str, dict[str, Any]]) -> dict[str, LLCResult]:
     """One :class:`LLCResult` per restriction; its warnings are re-issued once per kind, naming the restrictions."""
@@ -293,7 +282,7 @@ def sample_refined(problem: RefinedProblem, config: LLCConfig, *, chain_ids: Seq
         outputs, chunks, loss_grad = _run_group(problem, group, config, hp, ids, progress, hooks, make_hook)
         per_group.append((outputs, hooks, chunks))
         gathered = _gather(outputs, chunks)
-        _report_paths(loss_grad, config)
+        report_paths(loss_grad, config, over="(restriction, chain) pairs")
         facts = dict(vectorized=loss_grad.vectorized, fallback_reason=loss_grad.fallback_reason,
                      device=str(problem.base.device), compiled=loss_grad.compiled,
                      compile_error=loss_grad.compile_error, wall_time_s=time.perf_counter() - t0,
