@@ -26,11 +26,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import slt_tools as slt
-from slt_tools.models import DeepLinearNetwork
 from slt_tools.theory import dln_learning_coefficient, monomial_learning_coefficient
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_llc import dln_point  # noqa: E402
+from degenerate_points import degenerate_point  # noqa: E402
 
 warnings.simplefilter("ignore")
 
@@ -143,17 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     # False), with the overdispersed probe's λ̂ as the other side of the bracket
     degenerate = [((4, 4, 4, 4), 1, 10_000), ((6, 6, 6, 6, 6), 2, 50_000)]
     for k, (widths, rank, n) in enumerate(degenerate[:1] if args.quick else degenerate):
-        gen = torch.Generator().manual_seed(k)
-        model = DeepLinearNetwork(widths)
-        with torch.no_grad():
-            for layer in model.layers:
-                out_dim, in_dim = layer.weight.shape
-                layer.weight.copy_(torch.randn(out_dim, rank, generator=gen) @ torch.randn(rank, in_dim, generator=gen)
-                                   / math.sqrt(rank))
-        x = torch.randn(n, widths[0], generator=gen)
-        with torch.no_grad():
-            y = model(x)
-        loader = DataLoader(TensorDataset(x, y), batch_size=500, shuffle=True)
+        model, loader = degenerate_point(widths, rank, n, seed=k)
         rows.append(run_case(f"{widths} rank {rank}, every layer cut", "degenerate DLN (truth ≥ Aoyagi λ)",
                              float(dln_learning_coefficient(widths, rank)[0]), model, loader, mse, 4))
     monos = [(1,), (2,), (3,), (1, 2), (2, 2)]

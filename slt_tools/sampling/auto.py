@@ -176,6 +176,10 @@ class _Checks:
             ok = ok and self.probes[-1].agrees
         return ok
 
+    def fits(self, config: LLCConfig) -> bool:
+        """Whether a run with ``config`` and its probe fit the budget left."""
+        return self.budget.allows(2 * _run_steps(config))
+
     def probe(self, problem: LLCProblem, result: LLCResult, config: LLCConfig, for_the_record: bool = False) -> bool:
         """Run the overdispersed probe on ``result`` if the budget holds it (False, and — unless it is only
         ``for_the_record`` of a run that failed anyway — the reason, otherwise)."""
@@ -242,7 +246,7 @@ def _next_run(config: LLCConfig, result: LLCResult, checks: _Checks, may_raise_g
     """
     if checks.extensions >= config.extensions_allowed:
         return None
-    fits = lambda cfg: checks.budget.allows(2 * _run_steps(cfg))  # noqa: E731 - the run and its probe
+    fits = checks.fits
     draws, burn = 2 * config.num_draws, 2 * config.num_burnin_steps + config.num_draws
     doubled = config.replace(num_draws=draws, num_burnin_steps=burn)
     relax = relaxation_steps(config.lr, config.localization)
@@ -271,7 +275,7 @@ def _next_run(config: LLCConfig, result: LLCResult, checks: _Checks, may_raise_g
 
 def _if_it_fits(config: LLCConfig, checks: _Checks) -> LLCConfig | None:
     """``config`` if its run and probe fit the budget left; None, with the reason recorded, otherwise."""
-    if checks.budget.allows(2 * _run_steps(config)):
+    if checks.fits(config):
         return config
     checks.cut_short = f"a longer run ({_run_steps(config)} steps) did not fit the budget"
     return None
