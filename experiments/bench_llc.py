@@ -159,7 +159,8 @@ def speed(quick: bool, chains: int, repeats: int = 5, large_repeats: int = 3) ->
         nbeta = n / math.log(n)
         steps = prob["draws"]
         kw = {"num_chains": chains, "num_draws": steps, "lr": prob["lr"], "localization": prob["gamma"],
-              "nbeta": nbeta, "seed": 0, "on_divergence": "exclude", "mala_every": 0}
+              "nbeta": nbeta, "seed": 0, "on_divergence": "exclude", "mala_every": 0,
+              "num_burnin_steps": 0}  # devinterp's default: every method samples the same steps
         slt.estimate_llc(model, loader, lf, **{**kw, "num_draws": 5})  # warm-up
         # compile=True: the first call compiles (timed separately, it is paid once per process, model class and
         # chain count); later calls on any instance of the model reuse the graph — that steady state is timed

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from slt_tools.geometry.ntk import _jacobian, empirical_ntk
+from slt_tools.geometry.ntk import empirical_ntk, output_jacobian
 
 Data = tuple[torch.Tensor, torch.Tensor]
 
@@ -91,7 +91,7 @@ class _Jacobians:
             self.cache = [self._compute(c) for c in self.chunks]
 
     def _compute(self, c: torch.Tensor) -> torch.Tensor:
-        return _jacobian(self.model, self.params, self.frozen, c).double()
+        return output_jacobian(self.model, self.params, self.frozen, c).double()
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter(self.cache) if self.cache is not None else (self._compute(c) for c in self.chunks)

@@ -27,9 +27,10 @@ from torch.func import functional_call, jacrev, vmap
 from slt_tools.sampling.functional import RestrictTo, select_parameters
 
 
-def _jacobian(model: nn.Module, params: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor],
-              x: torch.Tensor) -> torch.Tensor:
-    """(n, O, P) Jacobian of the per-example outputs with respect to the flattened ``params``."""
+def output_jacobian(model: nn.Module, params: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor],
+                    x: torch.Tensor) -> torch.Tensor:
+    """(n, O, P) Jacobian J[i, o, p] = ∂f_o(x_i; w)/∂w_p of the per-example outputs with respect to the flattened
+    ``params`` (``frozen`` held fixed), one ``vmap`` of ``jacrev`` over the examples."""
 
     def f(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
         return functional_call(model, {**frozen, **p}, (xi.unsqueeze(0),)).reshape(-1)
@@ -60,14 +61,14 @@ def empirical_ntk(model: nn.Module, probe: torch.Tensor, trace_outputs: bool = F
                          f"{exc}") from exc
     chunks = list(torch.split(probe, chunk_size))
     n = probe.shape[0]
-    jac0 = _jacobian(model, params, frozen, chunks[0][:1])
+    jac0 = output_jacobian(model, params, frozen, chunks[0][:1])
     o = jac0.shape[1]
     K = torch.zeros((n, n) if trace_outputs else (n, n, o, o), dtype=jac0.dtype, device=jac0.device)
     starts = np.cumsum([0] + [len(c) for c in chunks])
     for a, ca in enumerate(chunks):
-        ja = _jacobian(model, params, frozen, ca)
+        ja = output_jacobian(model, params, frozen, ca)
         for b in range(a, len(chunks)):
-            jb = ja if b == a else _jacobian(model, params, frozen, chunks[b])
+            jb = ja if b == a else output_jacobian(model, params, frozen, chunks[b])
             if trace_outputs:
                 block = torch.einsum("iop,jop->ij", ja, jb)
             else:

@@ -37,7 +37,7 @@ from slt_tools.sampling.data import BatchStream
 from slt_tools.sampling.functional import FlatParams, make_loss, model_loss
 from slt_tools.symmetry.canonical import align as align_models
 from slt_tools.symmetry.canonical import state_of
-from slt_tools.symmetry.landscape import Interpolation, _check_order, _reset_batchnorm, interpolate
+from slt_tools.symmetry.landscape import Interpolation, check_argument_order, interpolate, reset_batchnorm
 from slt_tools.symmetry.spec import SymmetrySpec, symmetry_spec
 
 CURVES = ("bezier", "polychain")
@@ -113,7 +113,7 @@ def _curve_losses(work: nn.Module, layout: FlatParams, ends: tuple[torch.Tensor,
     losses = []
     for t in ts:
         layout.write_to(work, curve_point(ends[0], bend, ends[1], float(t), curve))
-        _reset_batchnorm(work, loader)
+        reset_batchnorm(work, loader)
         losses.append(model_loss(work, loader, loss_fn))
     return Interpolation(ts.copy(), np.array(losses))
 
@@ -183,7 +183,7 @@ def connect(a: nn.Module | Mapping[str, torch.Tensor], b: nn.Module | Mapping[st
     returns the minibatch mean loss, the package-wide convention. ``steps``/``lr``: Adam steps on the bend.
     Raises ValueError for networks of different architectures or an unknown curve/definition.
     """
-    _check_order(loader, loss_fn)
+    check_argument_order(loader, loss_fn)
     if curve not in CURVES:
         raise ValueError(f"unknown curve {curve!r}: use one of {CURVES}")
     if definition not in ("linear", "mean"):

@@ -40,7 +40,9 @@ class Interpolation:
         raise ValueError(f"unknown barrier definition {definition!r}: use 'linear' or 'mean'")
 
 
-def _reset_batchnorm(model: nn.Module, loader: Any) -> None:
+def reset_batchnorm(model: nn.Module, loader: Any) -> None:
+    """Re-estimate every BatchNorm's running mean/variance on ``loader`` (cumulative average, momentum None): a
+    weight-space interpolant is evaluated with its own batch statistics, not with either endpoint's."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return
@@ -54,7 +56,7 @@ def _reset_batchnorm(model: nn.Module, loader: Any) -> None:
     model.eval()
 
 
-def _check_order(loader: Any, loss_fn: Any) -> None:
+def check_argument_order(loader: Any, loss_fn: Any) -> None:
     """(…, loader, loss_fn) is the package-wide order; the pre-0.2 order (loss_fn, loader) fails loudly."""
     if callable(loader) and not callable(loss_fn):
         raise TypeError("interpolate/loss_barrier take (a, b, loader, loss_fn, ...) like the rest of slt_tools; "
@@ -70,7 +72,7 @@ def interpolate(a: nn.Module | Mapping[str, torch.Tensor], b: nn.Module | Mappin
 
     ``a``/``b`` are models or state dicts (then ``model`` supplies the architecture).
     """
-    _check_order(loader, loss_fn)
+    check_argument_order(loader, loss_fn)
     if num_points < 2:
         raise ValueError("num_points must be at least 2")
     template = model if model is not None else (a if isinstance(a, nn.Module) else b)
@@ -86,7 +88,7 @@ def interpolate(a: nn.Module | Mapping[str, torch.Tensor], b: nn.Module | Mappin
     for t in ts:
         mixed = {k: (1 - t) * sa[k] + t * sb[k] if sa[k].is_floating_point() else sa[k] for k in sa}
         work.load_state_dict(mixed)
-        _reset_batchnorm(work, loader)
+        reset_batchnorm(work, loader)
         losses.append(model_loss(work, loader, loss_fn))
     return Interpolation(ts, np.array(losses))
 
