@@ -50,38 +50,60 @@ def test_submodules_are_attributes_in_a_fresh_interpreter():
         slt.nope  # noqa: B018
 
 
-def _imports(path: Path, package: str) -> set[str]:
-    """slt_tools modules imported anywhere in a file (module level or inside functions)."""
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(package):
-            out.add(node.module)
-        elif isinstance(node, ast.Import):
-            out.update(a.name for a in node.names if a.name.startswith(package))
-    return out
+def _module_graph(package_dir: Path) -> dict[str, set[str]]:
+    """Module → the modules of the same tree it imports (``from a.b import c`` counts a.b and, if a module, a.b.c);
+    package ``__init__`` files are left out (they only re-export)."""
+    def name(p: Path) -> str:
+        return ".".join(p.relative_to(ROOT).with_suffix("").parts)
+
+    files = {name(p): p for p in package_dir.rglob("*.py") if p.name != "__init__.py"}
+    graph = {}
+    for m, p in files.items():
+        deps = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                deps |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+        graph[m] = {d for d in deps if d in files and d != m}
+    return graph
 
 
-def test_sampling_package_has_no_import_cycle():
-    """Every import between the sampling modules, including function-level ones, points down the layer order."""
-    pkg = ROOT / "slt_tools" / "sampling"
-    graph = {f"slt_tools.sampling.{p.stem}": _imports(p, "slt_tools.sampling") for p in pkg.glob("*.py")
-             if p.stem != "__init__"}
-    graph = {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+def _assert_acyclic(graph: dict[str, set[str]]) -> None:
     state: dict[str, int] = {}
 
     def visit(m, stack):
         state[m] = 1
-        for d in graph[m]:
+        for d in sorted(graph[m]):
             assert state.get(d) != 1, f"import cycle: {' -> '.join([*stack, m, d])}"
             if d not in state:
                 visit(d, [*stack, m])
         state[m] = 2
 
-    for m in graph:
+    for m in sorted(graph):
         if m not in state:
             visit(m, [])
+
+
+def test_sampling_package_has_no_import_cycle():
+    """Every import between the sampling modules, including function-level ones, points down the layer order."""
+    graph = _module_graph(ROOT / "slt_tools" / "sampling")
+    _assert_acyclic(graph)
     assert "slt_tools.sampling.auto" not in graph["slt_tools.sampling.calibration"]
     assert "slt_tools.sampling.auto" not in graph["slt_tools.sampling.estimate"]
+
+
+def test_whole_package_has_no_import_cycle_and_no_private_imports():
+    """No cycle between any two modules of slt_tools (function-level imports included), and no module imports
+    another module's private (underscore) name — what one module needs from another is public there."""
+    _assert_acyclic(_module_graph(ROOT / "slt_tools"))
+    private = []
+    for p in (ROOT / "slt_tools").rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("slt_tools"):
+                private += [f"{p.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names
+                            if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not private, private
 
 
 # ---------------------------------------------------------------- config
