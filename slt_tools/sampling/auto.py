@@ -11,6 +11,10 @@ user who does not want to hand-tune needs (docs/calibration.md):
    ε·steps), and chains from an overdispersed start w* + N(0, s²γ⁻¹I) (s = :data:`PROBE_SPREAD`) must meet the
    chains from w* (Gelman & Rubin 1992). Failing, the run is doubled up to ``max_extensions`` times; still failing,
    the result says ``diagnostics.converged = False`` with a :class:`NotConvergedWarning`.
+4. **Cost.** The probe chains run as extra rows of the main run's batch (no sequential steps of their own), and a
+   doubled run continues the chains of the run before (:class:`_Chains`: only the steps it adds are run), so
+   without a γ raise or ε step-down the driver spends calibration + the final run's own steps. (With observables
+   or explicit ``chain_ids`` runs are separate, as before: the probe is then a run of its own.)
 
 Calibration and checks are on by default for self-calibrated runs and off for hand-set ones; ``max_extensions`` /
 ``convergence_probe`` given explicitly apply to hand-set runs too.
