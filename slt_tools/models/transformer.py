@@ -5,10 +5,17 @@
 optional ``blocks.{i}.mlp.W_in[d_model, d_mlp]``, ``b_in``, ``W_out[d_mlp, d_model]``, ``b_out``; optional LayerNorms
 ``blocks.{i}.ln1.w/b``, ``ln2``, ``ln_final``; ``unembed.W_U[d_model, d_vocab]``, ``b_U``. Causal attention, written
 with einsum only (no in-place ops, no data-dependent control flow) so it can be ``vmap``-ed over stacked parameters.
+
+:func:`moving_head` evaluates an attention layer with one head's weights replaced and the others at the module's
+own: the layer output is a sum over heads, attn(x) = Σ_k z_k(x)·W_O[k] + b_O, so with head h moved to u it is
+Σ_{k≠h} z_k(x; w*)·W_O*[k] + z_h(x; u)·W_O(u) + b_O. Under ``vmap`` over (restriction, chain) pairs whose input x
+is the same for all (everything upstream at w*), the w* terms are computed once and each pair computes one head.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +78,9 @@ class Attention(nn.Module):
             self.register_parameter(name, nn.Parameter(torch.zeros(h, e)))
         self.b_O = nn.Parameter(torch.zeros(d))
 
+    #: set by :func:`moving_head`: (keep (n_heads,) weights of the module's own heads, the moved head's tensors)
+    _moved: tuple[torch.Tensor, Mapping[str, torch.Tensor]] | None = None
+
     def pattern(self, x: torch.Tensor) -> torch.Tensor:
         """Attention probabilities [batch, head, query_pos, key_pos]."""
         q = torch.einsum("bpd,hde->bphe", x, self.W_Q) + self.b_Q
@@ -81,9 +91,45 @@ class Attention(nn.Module):
         return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._moved is not None:
+            return self._forward_moved(x, *self._moved)
         v = torch.einsum("bpd,hde->bphe", x, self.W_V) + self.b_V
         z = torch.einsum("bhqk,bkhe->bqhe", self.pattern(x), v)
         return torch.einsum("bqhe,hed->bqd", z, self.W_O) + self.b_O
+
+    def _forward_moved(self, x: torch.Tensor, keep: torch.Tensor, head: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Σ_k keep_k·z_k(x)·W_O[k] over the module's own heads (as the sum over all of them minus the one dropped:
+        one head's product per pair), plus one head with the tensors ``head`` (W_Q, W_K, W_V [d, e], W_O [e, d],
+        b_Q, b_K, b_V [e]), plus b_O."""
+        v = torch.einsum("bpd,hde->bphe", x, self.W_V) + self.b_V
+        z = torch.einsum("bhqk,bkhe->bqhe", self.pattern(x), v)
+        own = torch.einsum("bqhe,hed->bqd", z, self.W_O)        # every own head: once when x is shared
+        drop = 1.0 - keep                                         # one-hot of the moved head
+        rest = own - torch.einsum("bqhe,h->bqe", z, drop) @ torch.tensordot(drop, self.W_O, dims=1)
+        q = x @ head["W_Q"] + head["b_Q"]
+        k = x @ head["W_K"] + head["b_K"]
+        scores = torch.einsum("bqe,bke->bqk", q, k) / math.sqrt(self.cfg.d_head)
+        n = x.shape[1]
+        mask = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+        pattern = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        return rest + (pattern @ (x @ head["W_V"] + head["b_V"])) @ head["W_O"] + self.b_O
+
+
+HEAD_SHAPES = {"W_Q": "d e", "W_K": "d e", "W_V": "d e", "W_O": "e d", "b_Q": "e", "b_K": "e", "b_V": "e"}
+
+
+@contextmanager
+def moving_head(attn: Attention, keep: torch.Tensor, head: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Within the block, ``attn`` computes its output with head h's tensors replaced by ``head`` (every name of
+    :data:`HEAD_SHAPES`, with those per-head shapes) and its own heads weighted by ``keep`` (1 − one-hot of h). Exact: the same sum over heads as :meth:`Attention.forward`, regrouped (equal to float rounding)."""
+    if not 0 < keep.shape[-1] == attn.cfg.n_heads:
+        raise ValueError(f"keep must have n_heads = {attn.cfg.n_heads} entries, got shape {tuple(keep.shape)}")
+    previous = attn._moved
+    attn._moved = (keep, head)
+    try:
+        yield
+    finally:
+        attn._moved = previous
 
 
 class MLP(nn.Module):
