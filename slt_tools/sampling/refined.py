@@ -60,7 +60,7 @@ from slt_tools.sampling.observables import (
     stats_from_chains,
 )
 from slt_tools.sampling.observables import prepare as prepare_observables
-from slt_tools.sampling.refined_heads import HeadFactoring, append_lift, head_factoring
+from slt_tools.sampling.refined_heads import HeadFactoring, factored_lift, head_factoring
 from slt_tools.sampling.refined_result import RefinedLLCResult
 from slt_tools.sampling.result import (
     LLCDivergenceError,
@@ -159,7 +159,7 @@ def _run_group(problem: RefinedProblem, group: RefinedGroup, config: LLCConfig, 
 
     fac = group.factored
     loss_grad = BatchedLossGrad(group.loss_at if fac is None else fac.loss_at, vectorize=config.vectorize,
-                                compile=config.compile, lift=scatter_lift if fac is None else append_lift)
+                                compile=config.compile, lift=scatter_lift if fac is None else factored_lift)
     pairs, seeds = _pairs(group, ids, config.seed)
     rows = torch.arange(len(group.names), device=group.index.device).repeat_interleave(len(ids))
     chunk = config.chain_chunk_size or (CPU_BLOCK if group.theta0.device.type == "cpu" else len(pairs))
@@ -167,7 +167,7 @@ def _run_group(problem: RefinedProblem, group: RefinedGroup, config: LLCConfig, 
     for i in range(0, len(pairs), chunk):
         index = group.index[rows[i:i + chunk]]
         context = (index, group.theta0)
-        step_context = context if fac is None else fac.keep[rows[i:i + chunk]]
+        step_context = context if fac is None else (*context, fac.keep[rows[i:i + chunk]])
 
         def batches(context: Any = step_context) -> Iterator[Any]:
             for batch in problem.base.data.stream(data_seed(config.seed)):
