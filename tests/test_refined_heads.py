@@ -94,11 +94,12 @@ def test_factored_step_equals_the_plain_lift_and_applies_only_to_whole_heads(lm)
 
 
 def test_factored_run_gives_the_plain_runs_chains(lm):
-    """estimate_refined_llc with and without the factored step: the same loss traces to float rounding."""
+    """estimate_refined_llc with and without the factored step: the same loss traces and observables (evaluated at
+    the pair's full weights: only head h's entry of W_Q[:, 0, 0] moves) to float rounding."""
     model, loader = lm
     heads = R.heads(model, layers=[0])
     kw = dict(num_chains=2, num_draws=12, lr=1e-3, localization=100.0, nbeta=10.0, seed=1, mala_every=4,
-              chain_chunk_size=3)
+              chain_chunk_size=3, observables={"wq": lambda m: m.blocks[0].attn.W_Q[:, 0, 0]}, keep_draws=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fast = slt.estimate_refined_llc(model, loader, slt.losses.causal_lm, heads, **kw)
@@ -108,3 +109,10 @@ def test_factored_run_gives_the_plain_runs_chains(lm):
         np.testing.assert_allclose(fast[name].loss_trace, plain[name].loss_trace, rtol=1e-5, atol=1e-7)
         assert fast[name].diagnostics.mala_acceptance == pytest.approx(plain[name].diagnostics.mala_acceptance,
                                                                        rel=1e-4)
+        got, want = fast[name].observables["wq"].draws, plain[name].observables["wq"].draws
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+        h = int(name[-1])
+        w_star = model.blocks[0].attn.W_Q[:, 0, 0].detach().numpy()
+        others = np.delete(got, h, axis=-1)
+        np.testing.assert_array_equal(others, np.broadcast_to(np.delete(w_star, h), others.shape))
+        assert np.abs(got[..., h] - w_star[h]).max() > 1e-4

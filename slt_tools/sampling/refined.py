@@ -15,7 +15,10 @@ SGNHT's momentum and thermostat) and the MALA diagnostic are therefore those of 
 coordinates outside idx_r are w*'s exactly — they are never touched, not even by a masked update. Restrictions are
 grouped by the parameters they touch (the heads of one layer form a group) and by d_r; within a group the flat
 vector spans only the group's parameters, so under ``vmap`` everything upstream of the group's layer stays
-unbatched and is computed once per step for all its elements, and all elements share the run's minibatches.
+unbatched and is computed once per step for all its elements, and all elements share the run's minibatches. For
+whole heads of a ``slt_tools.models.Transformer`` layer the group goes further (:mod:`~slt_tools.sampling.
+refined_heads`): the layer's unmoved heads are computed once per step from the unbatched w* and each pair computes
+only its own head (``factor_heads=False`` turns this off; both give the same losses to float rounding).
 
 **Seeding.** Pair (r, c) draws its noise from its own stream seeded by (seed, name of r, c)
 (:func:`~slt_tools.sampling.noise.restriction_chain_seed`) and sees the run's minibatch order (seed alone), so its
