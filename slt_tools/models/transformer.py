@@ -5,10 +5,17 @@
 optional ``blocks.{i}.mlp.W_in[d_model, d_mlp]``, ``b_in``, ``W_out[d_mlp, d_model]``, ``b_out``; optional LayerNorms
 ``blocks.{i}.ln1.w/b``, ``ln2``, ``ln_final``; ``unembed.W_U[d_model, d_vocab]``, ``b_U``. Causal attention, written
 with einsum only (no in-place ops, no data-dependent control flow) so it can be ``vmap``-ed over stacked parameters.
+
+:func:`moving_head` evaluates an attention layer with one head's weights replaced and the others at the module's
+own: the layer output is a sum over heads, attn(x) = Σ_k z_k(x)·W_O[k] + b_O, so with head h moved to u it is
+Σ_{k≠h} z_k(x; w*)·W_O*[k] + z_h(x; u)·W_O(u) + b_O. Under ``vmap`` over (restriction, chain) pairs whose input x
+is the same for all (everything upstream at w*), the w* terms are computed once and each pair computes one head.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -71,19 +78,65 @@ class Attention(nn.Module):
             self.register_parameter(name, nn.Parameter(torch.zeros(h, e)))
         self.b_O = nn.Parameter(torch.zeros(d))
 
+    #: set by :func:`moving_head`: (keep (n_heads,), the moved head's tensors, the unmoved heads' tensors)
+    _moved: tuple[torch.Tensor, Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]] | None = None
+
     def pattern(self, x: torch.Tensor) -> torch.Tensor:
         """Attention probabilities [batch, head, query_pos, key_pos]."""
         q = torch.einsum("bpd,hde->bphe", x, self.W_Q) + self.b_Q
         k = torch.einsum("bpd,hde->bphe", x, self.W_K) + self.b_K
-        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(self.cfg.d_head)
-        n = x.shape[1]
-        mask = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
-        return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        return _causal_softmax(torch.einsum("bqhe,bkhe->bhqk", q, k), self.cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._moved is not None:
+            return self._forward_moved(x, *self._moved)
         v = torch.einsum("bpd,hde->bphe", x, self.W_V) + self.b_V
         z = torch.einsum("bhqk,bkhe->bqhe", self.pattern(x), v)
         return torch.einsum("bqhe,hed->bqd", z, self.W_O) + self.b_O
+
+    def _forward_moved(self, x: torch.Tensor, keep: torch.Tensor, head: Mapping[str, torch.Tensor],
+                       own: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Σ_k keep_k·z_k(x)·W_O[k] over the heads of the tensors ``own`` (as the sum over all of them minus the
+        dropped one: one head's product per pair), plus one head with the tensors ``head``, plus b_O."""
+        v = torch.einsum("bpd,hde->bphe", x, own["W_V"]) + own["b_V"]
+        q = torch.einsum("bpd,hde->bphe", x, own["W_Q"]) + own["b_Q"]
+        k = torch.einsum("bpd,hde->bphe", x, own["W_K"]) + own["b_K"]
+        z = torch.einsum("bhqk,bkhe->bqhe", _causal_softmax(torch.einsum("bqhe,bkhe->bhqk", q, k), self.cfg), v)
+        every = torch.einsum("bqhe,hed->bqd", z, own["W_O"])        # once per step when x is shared
+        drop = 1.0 - keep                                           # one-hot of the moved head
+        rest = every - torch.einsum("bqhe,h->bqe", z, drop) @ torch.tensordot(drop, own["W_O"], dims=1)
+        q, k = x @ head["W_Q"] + head["b_Q"], x @ head["W_K"] + head["b_K"]
+        pattern = _causal_softmax(torch.einsum("bqe,bke->bqk", q, k), self.cfg)
+        return rest + (pattern @ (x @ head["W_V"] + head["b_V"])) @ head["W_O"] + self.b_O
+
+
+def _causal_softmax(scores: torch.Tensor, cfg: TransformerConfig) -> torch.Tensor:
+    """softmax over keys of scores/√d_head with keys after the query masked out (last two dims: query, key)."""
+    n = scores.shape[-1]
+    mask = torch.ones(n, n, dtype=torch.bool, device=scores.device).tril()
+    return torch.softmax((scores / math.sqrt(cfg.d_head)).masked_fill(~mask, float("-inf")), dim=-1)
+
+
+HEAD_SHAPES = {"W_Q": "d e", "W_K": "d e", "W_V": "d e", "W_O": "e d", "b_Q": "e", "b_K": "e", "b_V": "e"}
+
+
+@contextmanager
+def moving_head(attn: Attention, keep: torch.Tensor, head: Mapping[str, torch.Tensor],
+                own: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Within the block, ``attn``'s forward is Σ_k keep_k·(head k of the tensors ``own``) + (one head of the
+    tensors ``head``) + b_O, ``keep`` = 1 − one-hot of the moved head h; ``head`` and ``own`` hold every name of
+    :data:`HEAD_SHAPES` (``head`` with the per-head shapes). With ``own`` = the module's weights and ``head`` = head
+    h's slices of the weights to evaluate at, this is :meth:`Attention.forward` at those weights, its sum over
+    heads regrouped (equal to float rounding); ``own`` may be the unbatched w* while the module's own tensors are
+    per-chain, so the unmoved heads are computed once."""
+    if not 0 < keep.shape[-1] == attn.cfg.n_heads:
+        raise ValueError(f"keep must have n_heads = {attn.cfg.n_heads} entries, got shape {tuple(keep.shape)}")
+    previous = attn._moved
+    attn._moved = (keep, head, own)
+    try:
+        yield
+    finally:
+        attn._moved = previous
 
 
 class MLP(nn.Module):

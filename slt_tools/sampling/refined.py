@@ -15,7 +15,10 @@ SGNHT's momentum and thermostat) and the MALA diagnostic are therefore those of 
 coordinates outside idx_r are w*'s exactly — they are never touched, not even by a masked update. Restrictions are
 grouped by the parameters they touch (the heads of one layer form a group) and by d_r; within a group the flat
 vector spans only the group's parameters, so under ``vmap`` everything upstream of the group's layer stays
-unbatched and is computed once per step for all its elements, and all elements share the run's minibatches.
+unbatched and is computed once per step for all its elements, and all elements share the run's minibatches. For
+whole heads of a ``slt_tools.models.Transformer`` layer the group goes further (:mod:`~slt_tools.sampling.
+refined_heads`): the layer's unmoved heads are computed once per step from the unbatched w* and each pair computes
+only its own head (``factor_heads=False`` turns this off; both give the same losses to float rounding).
 
 **Seeding.** Pair (r, c) draws its noise from its own stream seeded by (seed, name of r, c)
 (:func:`~slt_tools.sampling.noise.restriction_chain_seed`) and sees the run's minibatch order (seed alone), so its
@@ -60,6 +63,7 @@ from slt_tools.sampling.observables import (
     stats_from_chains,
 )
 from slt_tools.sampling.observables import prepare as prepare_observables
+from slt_tools.sampling.refined_heads import HeadFactoring, factored_lift, head_factoring
 from slt_tools.sampling.refined_result import RefinedLLCResult
 from slt_tools.sampling.result import (
     LLCDivergenceError,
@@ -87,16 +91,19 @@ class RefinedGroup:
     theta0: torch.Tensor
     index: torch.Tensor
     loss_at: Any
+    factored: HeadFactoring | None = None
 
     @property
     def numel(self) -> int:
         return int(self.index.shape[1])
 
 
-def _groups(model: nn.Module, loss_fn: LossFn, rs: dict[str, Restriction], device: torch.device
-            ) -> list[RefinedGroup]:
+def _groups(model: nn.Module, loss_fn: LossFn, rs: dict[str, Restriction], device: torch.device,
+            factor: bool = True) -> list[RefinedGroup]:
     """One :class:`RefinedGroup` per (set of touched parameters, d_r): its layout spans only those parameters, so
-    everything else of the model is a frozen, unbatched tensor under ``vmap``."""
+    everything else of the model is a frozen, unbatched tensor under ``vmap``. With ``factor``, a group of whole
+    heads of one ``slt_tools.models.Transformer`` layer gets the head-factored loss
+    (:mod:`slt_tools.sampling.refined_heads`)."""
     order = [n for n, _ in model.named_parameters()]
     groups = []
     for params, names in group_by_parameters(rs).items():
@@ -109,7 +116,8 @@ def _groups(model: nn.Module, loss_fn: LossFn, rs: dict[str, Restriction], devic
         for d in dict.fromkeys(sizes):
             rows = [i for i, k in enumerate(sizes) if k == d]
             index = torch.stack([masks[i].nonzero().squeeze(1) for i in rows])
-            groups.append(RefinedGroup([names[i] for i in rows], layout, theta0, index, loss_at))
+            factored = head_factoring(model, layout, theta0, index, loss_at) if factor else None
+            groups.append(RefinedGroup([names[i] for i in rows], layout, theta0, index, loss_at, factored))
     return groups
 
 
@@ -123,9 +131,11 @@ class RefinedProblem:
 
     @classmethod
     def build(cls, model: nn.Module, loader: Any, loss_fn: LossFn, restrictions: Restrictions,
-              partition: bool = False, device: str | torch.device | None = None) -> RefinedProblem:
+              partition: bool = False, device: str | torch.device | None = None, factor_heads: bool = True
+              ) -> RefinedProblem:
         """``ValueError`` for an empty, misnamed, overlapping (with ``partition``) or mis-shaped restriction, a
-        parameter that is not trainable, or data the estimator cannot use — all before any sampling."""
+        parameter that is not trainable, or data the estimator cannot use — all before any sampling.
+        ``factor_heads``: use the head-factored step where it applies (exact; False = the plain lift)."""
         rs = collect(restrictions, model, disjoint=partition)
         frozen = sorted({n for r in rs.values() for n in r.names} - {n for n, p in model.named_parameters()
                                                                       if p.requires_grad})
@@ -133,7 +143,7 @@ class RefinedProblem:
             raise ValueError(f"restrictions select coordinates of parameters that do not require grad: {frozen}")
         touched = [n for n, _ in model.named_parameters() if any(n in r.masks for r in rs.values())]
         base = LLCProblem.build(model, loader, loss_fn, touched, device)
-        return cls(base, rs, _groups(model, loss_fn, rs, base.device))
+        return cls(base, rs, _groups(model, loss_fn, rs, base.device, factor_heads))
 
 
 def _pairs(group: RefinedGroup, ids: list[int], seed: int) -> tuple[list[tuple[str, int]], list[int]]:
@@ -150,8 +160,9 @@ def _run_group(problem: RefinedProblem, group: RefinedGroup, config: LLCConfig, 
     def make_sampler() -> Sampler:
         return Sampler(config.sampler, hp["lr"], hp["localization"], hp["nbeta"], **config.sampler_kwargs)
 
-    loss_grad = BatchedLossGrad(group.loss_at, vectorize=config.vectorize, compile=config.compile,
-                                lift=scatter_lift)
+    fac = group.factored
+    loss_grad = BatchedLossGrad(group.loss_at if fac is None else fac.loss_at, vectorize=config.vectorize,
+                                compile=config.compile, lift=scatter_lift if fac is None else factored_lift)
     pairs, seeds = _pairs(group, ids, config.seed)
     rows = torch.arange(len(group.names), device=group.index.device).repeat_interleave(len(ids))
     chunk = config.chain_chunk_size or (CPU_BLOCK if group.theta0.device.type == "cpu" else len(pairs))
@@ -159,8 +170,9 @@ def _run_group(problem: RefinedProblem, group: RefinedGroup, config: LLCConfig, 
     for i in range(0, len(pairs), chunk):
         index = group.index[rows[i:i + chunk]]
         context = (index, group.theta0)
+        step_context = context if fac is None else (*context, fac.keep[rows[i:i + chunk]])
 
-        def batches(context: Any = context) -> Iterator[Any]:
+        def batches(context: Any = step_context) -> Iterator[Any]:
             for batch in problem.base.data.stream(data_seed(config.seed)):
                 yield context, batch
 
@@ -286,7 +298,8 @@ def sample_refined(problem: RefinedProblem, config: LLCConfig, *, chain_ids: Seq
         facts = dict(vectorized=loss_grad.vectorized, fallback_reason=loss_grad.fallback_reason,
                      device=str(problem.base.device), compiled=loss_grad.compiled,
                      compile_error=loss_grad.compile_error, wall_time_s=time.perf_counter() - t0,
-                     data_cached=problem.base.data.cached, batched_with=list(group.names))
+                     data_cached=problem.base.data.cached, batched_with=list(group.names),
+                     head_factored=group.factored is not None)
         per.update(gathered)
         runs.update(dict.fromkeys(group.names, facts))
     results = _summarize_all(per, problem, hp, ids, config, runs)
@@ -303,7 +316,7 @@ def estimate_refined_llc(model: nn.Module, loader: Any, loss_fn: LossFn, restric
                          chain_ids: Sequence[int] | None = None, device: str | torch.device | None = None,
                          progress: bool = False,
                          observables: Mapping[str, ObservableFn] | Sequence[Observable] | None = None,
-                         keep_draws: bool = False, **settings: Any) -> RefinedLLCResult:
+                         keep_draws: bool = False, factor_heads: bool = True, **settings: Any) -> RefinedLLCResult:
     """Refined LLC λ̂_r of every restriction r, all (restriction, chain) pairs in one batched run (module docstring).
 
     Args:
@@ -319,6 +332,9 @@ def estimate_refined_llc(model: nn.Module, loader: Any, loss_fn: LossFn, restric
         chain_ids: which chains of every restriction to compute (default ``range(num_chains)``).
         observables / keep_draws: as for :func:`slt_tools.sample_llc`, evaluated at every draw of every
             (restriction, chain) pair, at the full weights (w* outside the restriction); ``res[name].observables``.
+        factor_heads: for whole heads of a ``slt_tools.models.Transformer`` layer, compute the layer's unmoved
+            heads once per step and one head per pair (:mod:`slt_tools.sampling.refined_heads`; the same loss to
+            float rounding). False: the plain lift into the layer's tensors (every head per pair).
 
     Returns a :class:`RefinedLLCResult`: ``res["l1h3"]`` is that restriction's :class:`LLCResult`, ``res.table()``
     a tidy table. Chain c of restriction r depends on (seed, r's name, c) alone: sampling r by itself gives the same
@@ -328,7 +344,7 @@ def estimate_refined_llc(model: nn.Module, loader: Any, loss_fn: LossFn, restric
     if config.restrict_to is not None:
         raise ValueError("pass the restrictions as restrictions=..., not restrict_to, for a refined run")
     with model_mode(model, config.model_mode):
-        problem = RefinedProblem.build(model, loader, loss_fn, restrictions, partition, device)
+        problem = RefinedProblem.build(model, loader, loss_fn, restrictions, partition, device, factor_heads)
         calibration = None
         if config.calibrated:
             calibration = calibrate(LLCProblem.build(model, loader, loss_fn, None, device), config)
