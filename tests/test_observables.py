@@ -131,6 +131,21 @@ def test_bif_matches_linear_gaussian_closed_form():
     np.testing.assert_allclose(whole.bif, out.bif, rtol=1e-9, atol=1e-15)
 
 
+def test_bif_rows_are_dataset_samples_when_the_loader_shuffles():
+    """Planted: a query that is training sample k has posterior correlation exactly 1 with row k, and BIF(k, k) =
+    −Var ℓ_k; with a shuffling loader the rows must still be the dataset's samples in order."""
+    model, loader, train, _ = linear_problem()
+    shuffled = DataLoader(loader.dataset, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(1))
+    ks = [5, 40]
+    query = (train[0][ks], train[1][ks])
+    config = slt.LLCConfig(**{**CONFIG, "num_chains": 2, "num_draws": 40, "num_burnin_steps": 20})
+    out = slt.bif(model, shuffled, query, per_sample, config, train_chunk_size=24)
+    for q, k in enumerate(ks):
+        assert int(np.argmax(out.correlation[:, q])) == k
+        np.testing.assert_allclose(out.correlation[k, q], 1.0, rtol=1e-9)
+        np.testing.assert_allclose(out.bif[k, q], -out.var_train[k], rtol=1e-9)
+
+
 def test_wbic_at_inverse_log_n_temperature_only():
     model, loader, train, _ = linear_problem()
     res = slt.sample_llc(model, loader, mean_loss, slt.LLCConfig(**{**CONFIG, "num_chains": 4, "num_draws": 200}))

@@ -64,9 +64,22 @@ class BIFResult:
         return np.argsort(-self.bif[:, q])[:k]
 
 
+def in_order(loader: Any) -> Any:
+    """``loader`` itself, or, for a :class:`torch.utils.data.DataLoader` that shuffles (any sampler but the
+    sequential one), the same dataset, batch size and collate function without shuffling: row i of the
+    concatenation is then sample i of the dataset (a shuffled loader would give a new permutation per pass)."""
+    from torch.utils.data import DataLoader, SequentialSampler
+
+    if not isinstance(loader, DataLoader) or isinstance(loader.sampler, SequentialSampler):
+        return loader
+    return DataLoader(loader.dataset, batch_size=loader.batch_size or 1, shuffle=False,
+                      collate_fn=loader.collate_fn, num_workers=0)
+
+
 def concat_batches(loader: Any) -> Any:
-    """All batches of ``loader`` concatenated along the leading axis (tensor leaves; other leaves from batch 0)."""
-    batches = list(loader)
+    """All batches of ``loader`` concatenated along the leading axis (tensor leaves; other leaves from batch 0), in
+    dataset order for a shuffling DataLoader (:func:`in_order`)."""
+    batches = list(in_order(loader))
     if not batches:
         raise ValueError("the training loader is empty")
     flat = [tree_flatten(b)[0] for b in batches]
@@ -128,7 +141,8 @@ def bif(model: nn.Module, train_loader: Any, query_samples: Any, loss_per_sample
         train_chunk_size: int | None = None, eval_batch_size: int = 1024, block: int = 32,
         device: str | torch.device | None = None) -> BIFResult:
     """Local BIF(z_i, z_q) = −Cov_p(ℓ_i, ℓ_q) of every training sample z_i of ``train_loader`` on every query sample
-    z_q of the batch ``query_samples`` (module docstring for the definition and normalisation).
+    z_q of the batch ``query_samples`` (module docstring for the definition and normalisation). Row i is sample i of
+    the loader's dataset, also when the loader shuffles (the chains still sample with the loader as given).
 
     Args:
         loss_per_sample_fn: ``fn(model, batch) -> (B,)`` unreduced per-sample losses.
