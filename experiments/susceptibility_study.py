@@ -1,4 +1,4 @@
-"""Study (issue 20 req 6): per-head susceptibilities and Bayesian influence functions of the induction-heads transformer.
+"""Study (issue 20 req 6): per-head susceptibilities and Bayesian influence functions of the induction transformer.
 
 The model is the induction-heads study's 2-layer attention-only transformer (experiments/induction_heads.py) at its
 final checkpoint, trained with the study's quick settings if no checkpoint is stored (about 20 s on one core).
@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     tag = "quick" if args.quick else "study"
     summary, figures = run(QUICK if args.quick else StudyConfig(), args.out, tag)
-    results = args.results or ROOT / "experiments" / "results" / f"susceptibility_study{'_quick' if args.quick else ''}.json"
+    name = "susceptibility_study" + ("_quick" if args.quick else "")
+    results = args.results or ROOT / "experiments" / "results" / f"{name}.json"
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(summary, indent=1))
     args.figures.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ and BIF(z_i, z_q) = −Cov(ℓ_i, ℓ_q) must match it within its standard error
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -160,6 +161,31 @@ def test_wbic_at_inverse_log_n_temperature_only():
     other = slt.sample_llc(model, loader, mean_loss,
                            slt.LLCConfig(**{**CONFIG, "num_chains": 2, "num_draws": 20, "nbeta": 5.0}))
     assert other.wbic is None and other.wbic_sem is None
+
+
+def test_combine_results_merges_observables_as_one_run():
+    """Chain blocks run apart (out of order) and combined give the one-run statistics: Chan's merge is exact."""
+    model, loader, _, query = linear_problem()
+    config = slt.LLCConfig(**{**CONFIG, "num_chains": 5, "num_draws": 60, "num_burnin_steps": 20})
+    obs = {"query": slt.observables.per_sample_loss(query, per_sample).fn, "norm": lambda m: m.weight.pow(2).sum()}
+    whole = slt.sample_llc(model, loader, mean_loss, config, observables=obs, keep_draws=True)
+    parts = [slt.sample_llc(model, loader, mean_loss, config, observables=obs, keep_draws=True, chain_ids=ids)
+             for ids in ([3, 4], [0], [1, 2])]
+    merged = slt.combine_results(parts)
+    np.testing.assert_allclose(merged.loss_trace, whole.loss_trace, rtol=1e-12)
+    for name, st in whole.observables.items():
+        got = merged.observables[name]
+        for field in ("mean_per_chain", "mean", "mean_sem", "var", "var_per_chain", "cov_with_loss_per_chain",
+                      "cov_with_loss", "cov_with_loss_sem", "partner_mean_per_chain", "draws"):
+            np.testing.assert_allclose(getattr(got, field), getattr(st, field), rtol=1e-10, atol=1e-15,
+                                       err_msg=f"{name}.{field}")
+        assert got.num_draws == st.num_draws and got.shape == st.shape
+    # the merged record round-trips through JSON and can be merged again
+    again = slt.LLCResult.from_json(merged.to_json())
+    np.testing.assert_allclose(again.observables["query"].var_per_chain, merged.observables["query"].var_per_chain)
+    with pytest.raises(ValueError, match="different observables"):
+        slt.combine_results([parts[0], slt.sample_llc(model, loader, mean_loss, config, chain_ids=[0],
+                                                      observables={"query": obs["query"]})])
 
 
 @pytest.mark.parametrize("checked", [False, True])
