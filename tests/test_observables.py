@@ -12,7 +12,6 @@ and BIF(z_i, z_q) = −Cov(ℓ_i, ℓ_q) must match it within its standard error
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
