@@ -47,8 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class StudyConfig:
-    num_probe: int = 32          # sequences per probe set
-    num_reference: int = 256     # training sequences whose mean loss is L_q
+    num_probe: int = 24          # sequences per probe set
+    num_reference: int = 128     # training sequences whose mean loss is L_q
     num_train: int = 1024        # training sequences (the sampler's data; the BIF's rows)
     seeds: tuple[int, ...] = (0, 1)
     llc: tuple[tuple[str, float], ...] = (("num_chains", 4), ("num_draws", 200), ("num_burnin_steps", 100),

@@ -271,3 +271,49 @@ def test_susceptibilities_match_linear_gaussian_closed_form():
     assert np.mean(z**2) < 2.5 and np.abs(z).max() < 5, z
     scores, ratio = out.principal_components(2)
     assert scores.shape == (3, 2) and 0 < ratio[0] <= 1
+
+
+def _planted_susceptibilities(seed: int = 0) -> slt.SusceptibilityResult:
+    """A result with planted per-chain χ: 4 restrictions, 3 chains, probe sets of 5 and 3 samples."""
+    gen = np.random.default_rng(seed)
+    per_chain = {"a": gen.normal(size=(4, 3, 5)), "b": gen.normal(size=(4, 3, 3)) + 2.0}
+    chi = {k: v.mean(axis=1) for k, v in per_chain.items()}
+    sem = {k: v.std(axis=1, ddof=1) / math.sqrt(3) for k, v in per_chain.items()}
+    return slt.SusceptibilityResult(["r0", "r1", "r2", "r3"], chi, sem, None, per_chain)  # type: ignore[arg-type]
+
+
+def test_mean_response_se_is_over_chains_and_plot_shows_the_response_and_its_components(tmp_path):
+    sus = _planted_susceptibilities()
+    mean, se = sus.mean_response("a", [0, 2])
+    per_chain = sus.chi_per_chain["a"][:, :, [0, 2]].mean(axis=2)  # (R, C): chains are the independent units
+    np.testing.assert_allclose(mean, sus.chi["a"][:, [0, 2]].mean(axis=1))
+    np.testing.assert_allclose(se, per_chain.std(axis=1, ddof=1) / math.sqrt(3))
+    columns = {"a (0, 2)": ("a", [0, 2]), "b": ("b", slice(None))}
+    fig = slt.plots.plot_susceptibilities(sus, columns=columns, groups={"r0": "x", "r1": "y", "r2": "x", "r3": "y"},
+                                          path=tmp_path / "sus.png")
+    assert (tmp_path / "sus.png").stat().st_size > 0
+    heat, pcs = fig.axes[0], fig.axes[1]
+    np.testing.assert_allclose(heat.images[0].get_array(), np.stack([mean, sus.response[:, 1]], axis=1))
+    scores, ratio = sus.principal_components(2)
+    shown = np.concatenate([c.get_offsets() for c in pcs.collections])
+    order = [0, 2, 1, 3]  # drawn group by group: x = r0, r2; y = r1, r3
+    np.testing.assert_allclose(shown, scores[order])
+    # the components of the column-centred per-sample matrix: scores·loadings reproduce it at full rank
+    full, ratio_all = sus.principal_components(8)
+    m = np.concatenate([sus.chi["a"], sus.chi["b"]], axis=1)
+    m = m - m.mean(axis=0)
+    assert np.isclose(ratio_all.sum(), 1.0) and np.allclose(full @ full.T, m @ m.T)
+
+
+def test_plot_bif_shows_sorted_influences_and_top_correlations(tmp_path):
+    gen = np.random.default_rng(1)
+    n, q = 30, 2
+    cov = gen.normal(size=(n, q))
+    res = slt.BIFResult(-cov, np.full((n, q), 0.1), np.tanh(cov), np.zeros(n), np.ones(n), np.zeros(q), np.ones(q),
+                        4, 10, 1, None)  # type: ignore[arg-type]
+    fig = slt.plots.plot_bif(res, labels=["q0", "q1"], k=3, path=tmp_path / "bif.png")
+    assert (tmp_path / "bif.png").stat().st_size > 0
+    curves, heat = fig.axes[0], fig.axes[1]
+    np.testing.assert_allclose(curves.lines[0].get_ydata(), np.sort(res.bif[:, 0])[::-1])
+    tops = list(res.top_influences(0, 3)) + [i for i in res.top_influences(1, 3) if i not in res.top_influences(0, 3)]
+    np.testing.assert_allclose(heat.images[0].get_array(), res.correlation[tops].T)
