@@ -317,3 +317,31 @@ def test_plot_bif_shows_sorted_influences_and_top_correlations(tmp_path):
     np.testing.assert_allclose(curves.lines[0].get_ydata(), np.sort(res.bif[:, 0])[::-1])
     tops = list(res.top_influences(0, 3)) + [i for i in res.top_influences(1, 3) if i not in res.top_influences(0, 3)]
     np.testing.assert_allclose(heat.images[0].get_array(), res.correlation[tops].T)
+
+
+def test_bif_is_the_derivative_of_the_query_loss_under_upweighting():
+    """Closed form, no sampling: up-weighting z_i (nβL_n → nβL_n + δℓ_i) keeps the posterior Gaussian, precision
+    P + 2δ x_i x_iᵀ and mean (P + 2δ x_i x_iᵀ)⁻¹(P w* + 2δ y_i x_i); dE_δ[ℓ_q]/dδ at 0 (central difference) equals
+    −Cov(ℓ_i, ℓ_q) = the BIF's definition. So a negative BIF is a helpful sample (top_influences' order)."""
+    model, _, train, query = linear_problem()
+    x, y = train
+    nbeta, gamma = N / math.log(N), 1.0
+    w = model.weight.detach()[0]
+    prec = 2 * nbeta / N * x.T @ x + gamma * torch.eye(D, dtype=torch.float64)
+
+    def expected_query_loss(i: int, delta: float) -> torch.Tensor:
+        p = prec + 2 * delta * torch.outer(x[i], x[i])
+        mu = torch.linalg.solve(p, prec @ w + 2 * delta * y[i] * x[i])
+        sigma = torch.linalg.inv(p)
+        r = query[0] @ mu - query[1]
+        return r**2 + ((query[0] @ sigma) * query[0]).sum(1)
+
+    h = 1e-4
+    deriv = torch.stack([(expected_query_loss(i, h) - expected_query_loss(i, -h)) / (2 * h) for i in range(N)])
+    bif_truth = -closed_form_cov(model, train, query, nbeta, gamma)
+    np.testing.assert_allclose(deriv.numpy(), bif_truth, rtol=1e-5, atol=1e-9)
+    res = slt.BIFResult(bif_truth, np.zeros_like(bif_truth), bif_truth, *(np.zeros(k) for k in (N, N, 4, 4)),
+                        1, 1, 1, None)  # type: ignore[arg-type]
+    helpful = res.top_influences(0, 3)
+    assert np.all(deriv[helpful, 0].numpy() <= np.sort(deriv[:, 0].numpy())[2] + 1e-15)  # the 3 largest decreases
+    assert np.all(deriv[res.top_harmful(0, 3), 0].numpy() > 0)

@@ -6,8 +6,10 @@ The local BIF of a training sample z_i on an observable φ is minus their poster
     BIF(z_i, φ) = −Cov_p(ℓ_i(w), φ(w)),   p(w) ∝ exp(−nβ·L_n(w) − (γ/2)‖w − w*‖²),
 
 and with φ = ℓ_q, the loss of a query sample z_q, it is a Hessian-free data attribution: up-weighting z_i in the
-tempered posterior by δ (nβ·L_n → nβ·L_n + δ·ℓ_i) moves E_p[ℓ_q] by −δ·Cov_p(ℓ_i, ℓ_q) + O(δ²) — positive BIF:
-training on z_i lowers z_q's loss. Here the covariance is reported unscaled (no factor of nβ or n; multiply by
+tempered posterior by δ (nβ·L_n → nβ·L_n + δ·ℓ_i) moves E_p[ℓ_q] by −δ·Cov_p(ℓ_i, ℓ_q) + O(δ²), i.e. the BIF is
+dE_p[ℓ_q]/dδ: a *negative* BIF (losses that rise and fall together) means training more on z_i lowers z_q's
+expected loss — z_i helps z_q, as a sample helps itself (BIF(z_q, z_q) = −Var ℓ_q); a positive one means it hurts
+(tested against the closed-form derivative for linear regression). Here the covariance is reported unscaled (no factor of nβ or n; multiply by
 nβ/n for the per-sample weight of the tempered loss), with the posterior correlation
 ρ_iq = Cov(ℓ_i, ℓ_q)/√(Var ℓ_i · Var ℓ_q), which is free of that convention.
 
@@ -60,8 +62,13 @@ class BIFResult:
     llc: LLCResult
 
     def top_influences(self, q: int, k: int = 5) -> np.ndarray:
-        """Indices of the k training samples of largest BIF on query q (most helpful first)."""
-        return np.argsort(-self.bif[:, q])[:k]
+        """Indices of the k training samples of most negative BIF on query q: the most helpful first (up-weighting
+        them lowers E_p[ℓ_q] the most; module docstring)."""
+        return np.argsort(self.bif[:, q], kind="stable")[:k]
+
+    def top_harmful(self, q: int, k: int = 5) -> np.ndarray:
+        """Indices of the k training samples of largest positive BIF on query q (up-weighting them raises E_p[ℓ_q])."""
+        return np.argsort(-self.bif[:, q], kind="stable")[:k]
 
 
 def in_order(loader: Any) -> Any:
