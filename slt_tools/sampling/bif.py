@@ -9,8 +9,8 @@ and with φ = ℓ_q, the loss of a query sample z_q, it is a Hessian-free data a
 tempered posterior by δ (nβ·L_n → nβ·L_n + δ·ℓ_i) moves E_p[ℓ_q] by −δ·Cov_p(ℓ_i, ℓ_q) + O(δ²), i.e. the BIF is
 dE_p[ℓ_q]/dδ: a *negative* BIF (losses that rise and fall together) means training more on z_i lowers z_q's
 expected loss — z_i helps z_q, as a sample helps itself (BIF(z_q, z_q) = −Var ℓ_q); a positive one means it hurts
-(tested against the closed-form derivative for linear regression). Here the covariance is reported unscaled (no factor of nβ or n; multiply by
-nβ/n for the per-sample weight of the tempered loss), with the posterior correlation
+(tested against the closed-form derivative for linear regression). Here the covariance is reported unscaled (no
+factor of nβ or n; multiply by nβ/n for the per-sample weight of the tempered loss), with the posterior correlation
 ρ_iq = Cov(ℓ_i, ℓ_q)/√(Var ℓ_i · Var ℓ_q), which is free of that convention.
 
 The chains are the LLC's (:func:`slt_tools.sample_llc`): at each draw the per-sample losses of a chunk of training
