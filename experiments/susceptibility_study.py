@@ -179,8 +179,9 @@ def shared_tokens(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
 
 def analyse_bif(out: slt.BIFResult, train: torch.Tensor, queries: torch.Tensor, labels: list[str], planted: int,
                 k: int = 5) -> dict:
-    """Top-k training sequences per query by BIF, their token overlap with the query vs the training average, the
-    planted query's own rank (BIF and correlation), and the Spearman correlation of BIF with overlap."""
+    """Top-k helpful (most negative BIF) and harmful training sequences per query, their token overlap with the
+    query vs the training average, the planted query's own rank among the helpful (by BIF and by correlation; 0 =
+    first), and the Spearman correlation of BIF with overlap (negative: more shared tokens, more helpful)."""
     from scipy.stats import spearmanr
 
     rows = []
@@ -193,8 +194,10 @@ def analyse_bif(out: slt.BIFResult, train: torch.Tensor, queries: torch.Tensor, 
                "top_correlation": out.correlation[top, q].tolist(), "top_tokens": train[top].tolist(),
                "top_shared_tokens": overlap[top].tolist(), "mean_shared_tokens_all": float(overlap.mean()),
                "spearman_bif_vs_shared_tokens": float(spearmanr(out.bif[:, q], overlap).statistic)}
+        row["top_harmful"] = out.top_harmful(q, k).tolist()
+        row["top_harmful_shared_tokens"] = overlap[out.top_harmful(q, k)].tolist()
         if q == 0:
-            row["planted_rank_by_bif"] = int(np.where(np.argsort(-out.bif[:, q]) == planted)[0][0])
+            row["planted_rank_by_bif"] = int(np.where(np.argsort(out.bif[:, q]) == planted)[0][0])
             row["planted_rank_by_correlation"] = int(np.where(rank_corr == planted)[0][0])
         rows.append(row)
     return {"queries": rows, "num_chains": out.num_chains, "num_draws": out.num_draws, "num_runs": out.num_runs,

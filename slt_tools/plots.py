@@ -368,15 +368,16 @@ def plot_susceptibilities(sus: Any, columns: Any = None, groups: Any = None, pat
 def plot_bif(result: Any, labels: Sequence[str] | None = None, k: int = 5, path: str | Path | None = None,
              title: str | None = None) -> Any:
     """Bayesian influence functions (:func:`slt_tools.bif`): per query, every training sample's BIF sorted in
-    decreasing order with ±1 SE (left; the top ``k`` marked), and the posterior correlation of the queries with the
-    union of their top-``k`` training samples (right)."""
+    increasing order — most helpful (most negative, :meth:`~slt_tools.sampling.bif.BIFResult.top_influences`)
+    first — with ±1 SE (left; the top ``k`` marked), and the posterior correlation of the queries with the union of
+    their top-``k`` helpful training samples (right)."""
     plt = _plt()
     n, q = result.bif.shape
     labels = list(labels) if labels is not None else [f"query {j}" for j in range(q)]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1.3, 1]})
     tops = []
     for j in range(q):
-        order = np.argsort(-result.bif[:, j])
+        order = np.argsort(result.bif[:, j], kind="stable")
         rank = np.arange(1, n + 1)
         v, e = result.bif[order, j], result.bif_sem[order, j]
         ax.fill_between(rank, v - e, v + e, color=f"C{j}", alpha=0.2, lw=0)
@@ -385,7 +386,7 @@ def plot_bif(result: Any, labels: Sequence[str] | None = None, k: int = 5, path:
         tops.extend(int(i) for i in order[:k] if int(i) not in tops)
     ax.set_xscale("log")
     ax.axhline(0, color="0.6", lw=0.6)
-    ax.set_xlabel("training samples, ranked by BIF")
+    ax.set_xlabel("training samples ranked by BIF (most helpful first)")
     ax.set_ylabel("BIF = −Cov(ℓ_i, ℓ_q)  (±1 SE)")
     ax.grid(alpha=0.3, which="both", lw=0.4)
     ax.legend(fontsize=7)
@@ -393,7 +394,7 @@ def plot_bif(result: Any, labels: Sequence[str] | None = None, k: int = 5, path:
     im = bx.imshow(corr, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
     bx.set_xticks(range(len(tops)), [str(i) for i in tops], rotation=90, fontsize=6)
     bx.set_yticks(range(q), labels, fontsize=7)
-    bx.set_xlabel(f"training sample (union of each query's top {k})")
+    bx.set_xlabel(f"training sample (union of each query's {k} most helpful)")
     bx.set_title("posterior correlation of losses", fontsize=9)
     fig.colorbar(im, ax=bx, fraction=0.046, pad=0.04)
     fig.suptitle(title or "Bayesian influence functions", fontsize=10)

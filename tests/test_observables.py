@@ -314,7 +314,7 @@ def test_plot_bif_shows_sorted_influences_and_top_correlations(tmp_path):
     fig = slt.plots.plot_bif(res, labels=["q0", "q1"], k=3, path=tmp_path / "bif.png")
     assert (tmp_path / "bif.png").stat().st_size > 0
     curves, heat = fig.axes[0], fig.axes[1]
-    np.testing.assert_allclose(curves.lines[0].get_ydata(), np.sort(res.bif[:, 0])[::-1])
+    np.testing.assert_allclose(curves.lines[0].get_ydata(), np.sort(res.bif[:, 0]))  # most helpful (negative) first
     tops = list(res.top_influences(0, 3)) + [i for i in res.top_influences(1, 3) if i not in res.top_influences(0, 3)]
     np.testing.assert_allclose(heat.images[0].get_array(), res.correlation[tops].T)
 
