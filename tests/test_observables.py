@@ -165,7 +165,7 @@ def test_wbic_at_inverse_log_n_temperature_only():
 def test_combine_results_merges_observables_as_one_run():
     """Chain blocks run apart (out of order) and combined give the one-run statistics: Chan's merge is exact."""
     model, loader, _, query = linear_problem()
-    config = slt.LLCConfig(**{**CONFIG, "num_chains": 5, "num_draws": 60, "num_burnin_steps": 20})
+    config = slt.LLCConfig(**{**CONFIG, "num_chains": 5, "num_draws": 30, "num_burnin_steps": 10})
     obs = {"query": slt.observables.per_sample_loss(query, per_sample).fn, "norm": lambda m: m.weight.pow(2).sum()}
     whole = slt.sample_llc(model, loader, mean_loss, config, observables=obs, keep_draws=True)
     parts = [slt.sample_llc(model, loader, mean_loss, config, observables=obs, keep_draws=True, chain_ids=ids)
