@@ -312,3 +312,92 @@ def plot_kernel_gap(gap: Any, path: str | Path | None = None, title: str | None 
     fig.tight_layout()
     _save(fig, path)
     return fig
+
+
+def plot_susceptibilities(sus: Any, columns: Any = None, groups: Any = None, path: str | Path | None = None,
+                          title: str | None = None) -> Any:
+    """Restriction × probe-set response matrix (:func:`slt_tools.susceptibilities`) and its leading principal
+    components.
+
+    Left: χ averaged over each column's probe samples, per restriction, annotated with z = mean / SE (SE over chains,
+    :meth:`~slt_tools.sampling.susceptibility.SusceptibilityResult.mean_response`). ``columns`` maps a label to
+    ``(probe_set, samples)`` (default: one column per probe set, all its samples). Right: the restrictions' scores
+    on the first two principal components of the per-sample response matrix (restrictions × every probe sample,
+    column-centred), coloured by ``groups`` (``{restriction: group label}``) when given."""
+    plt = _plt()
+    columns = columns or {k: (k, slice(None)) for k in sus.chi}
+    names = list(sus.restrictions)
+    cells = [sus.mean_response(s, sel) for s, sel in columns.values()]
+    mat = np.stack([m for m, _ in cells], axis=1)
+    sem = np.stack([e for _, e in cells], axis=1)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(5.0 + 0.9 * len(columns), 0.42 * len(names) + 2.4),
+                                 gridspec_kw={"width_ratios": [1.2 + 0.25 * len(columns), 1.6]})
+    lim = float(np.nanmax(np.abs(mat))) or 1.0
+    im = ax.imshow(mat, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+    for i in range(mat.shape[0]):
+        for j in range(mat.shape[1]):
+            z = mat[i, j] / sem[i, j] if sem[i, j] > 0 else float("nan")
+            ax.text(j, i, f"{mat[i, j]:.2g}\nz={z:.1f}", ha="center", va="center", fontsize=6.5)
+    ax.set_xticks(range(len(columns)), list(columns), rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), [f"{n} ({groups[n]})" if groups else n for n in names], fontsize=8)
+    ax.set_title("mean χ per probe set", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    scores, ratio = sus.principal_components(2)
+    scores = np.pad(scores, ((0, 0), (0, 2 - scores.shape[1])))
+    labels = sorted(set(groups.values())) if groups else [None]
+    for k, g in enumerate(labels):
+        idx = [i for i, n in enumerate(names) if groups is None or groups[n] == g]
+        bx.scatter(scores[idx, 0], scores[idx, 1], color=f"C{k}", label=g, s=30)
+    for i, n in enumerate(names):
+        bx.annotate(n, scores[i], fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ratio = np.pad(ratio, (0, 2 - len(ratio)))
+    bx.set_xlabel(f"PC1 ({100 * ratio[0]:.0f}% of variance)")
+    bx.set_ylabel(f"PC2 ({100 * ratio[1]:.0f}%)")
+    bx.axhline(0, color="0.7", lw=0.6)
+    bx.axvline(0, color="0.7", lw=0.6)
+    bx.grid(alpha=0.3, lw=0.4)
+    if groups:
+        bx.legend(fontsize=8)
+    bx.set_title("principal components of the per-sample response", fontsize=9)
+    fig.suptitle(title or "Susceptibilities", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    return fig
+
+
+def plot_bif(result: Any, labels: Sequence[str] | None = None, k: int = 5, path: str | Path | None = None,
+             title: str | None = None) -> Any:
+    """Bayesian influence functions (:func:`slt_tools.bif`): per query, every training sample's BIF sorted in
+    increasing order — most helpful (most negative, :meth:`~slt_tools.sampling.bif.BIFResult.top_influences`)
+    first — with ±1 SE (left; the top ``k`` marked), and the posterior correlation of the queries with the union of
+    their top-``k`` helpful training samples (right)."""
+    plt = _plt()
+    n, q = result.bif.shape
+    labels = list(labels) if labels is not None else [f"query {j}" for j in range(q)]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1.3, 1]})
+    tops = []
+    for j in range(q):
+        order = np.argsort(result.bif[:, j], kind="stable")
+        rank = np.arange(1, n + 1)
+        v, e = result.bif[order, j], result.bif_sem[order, j]
+        ax.fill_between(rank, v - e, v + e, color=f"C{j}", alpha=0.2, lw=0)
+        ax.plot(rank, v, color=f"C{j}", lw=1, label=labels[j])
+        ax.plot(rank[:k], v[:k], "o", color=f"C{j}", ms=4)
+        tops.extend(int(i) for i in order[:k] if int(i) not in tops)
+    ax.set_xscale("log")
+    ax.axhline(0, color="0.6", lw=0.6)
+    ax.set_xlabel("training samples ranked by BIF (most helpful first)")
+    ax.set_ylabel("BIF = −Cov(ℓ_i, ℓ_q)  (±1 SE)")
+    ax.grid(alpha=0.3, which="both", lw=0.4)
+    ax.legend(fontsize=7)
+    corr = result.correlation[tops].T
+    im = bx.imshow(corr, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+    bx.set_xticks(range(len(tops)), [str(i) for i in tops], rotation=90, fontsize=6)
+    bx.set_yticks(range(q), labels, fontsize=7)
+    bx.set_xlabel(f"training sample (union of each query's {k} most helpful)")
+    bx.set_title("posterior correlation of losses", fontsize=9)
+    fig.colorbar(im, ax=bx, fraction=0.046, pad=0.04)
+    fig.suptitle(title or "Bayesian influence functions", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    return fig

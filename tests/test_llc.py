@@ -292,13 +292,23 @@ def test_overdispersed_start_contracts_and_is_reproducible(small_problem):
 @pytest.mark.parametrize("sampler", ["sgld", "rmsprop_sgld", "sgnht"])
 def test_compiled_steps_match_eager(small_problem, sampler):
     """compile=True fuses loss, gradient and update rule into one graph: the same chains to float rounding, for every
-    rule, with MALA steps (which reuse the graph at the proposal) in between."""
+    rule, with MALA steps (which reuse the graph at the proposal) in between. Observables (issue 20) are evaluated
+    eagerly at the compiled run's draws: their statistics equal the eager run's to float rounding too."""
     model, loader = small_problem
-    kw = dict(num_chains=3, num_draws=40, lr=1e-4, localization=10.0, seed=0, sampler=sampler, mala_every=7)
+    probe = next(iter(loader))
+    obs = {"probe": lambda m: ((m(probe[0]) - probe[1]) ** 2).mean(-1), "norm": lambda m: m.layers[0].weight.norm()}
+    kw = dict(num_chains=3, num_draws=40, lr=1e-4, localization=10.0, seed=0, sampler=sampler, mala_every=7,
+              observables=obs)
     eager = quiet_llc(model, loader, mse, **kw)
     compiled = quiet_llc(model, loader, mse, compile=True, **kw)
     assert compiled.diagnostics["compiled"], compiled.diagnostics["compile_error"]
     np.testing.assert_allclose(compiled.loss_trace, eager.loss_trace, rtol=1e-4, atol=1e-7)
+    for name, st in eager.observables.items():
+        got = compiled.observables[name]
+        np.testing.assert_allclose(got.mean, st.mean, rtol=1e-4)
+        np.testing.assert_allclose(got.var, st.var, rtol=1e-2, atol=1e-12)
+        np.testing.assert_allclose(got.cov_with_loss, st.cov_with_loss, rtol=1e-2,
+                                   atol=1e-3 * np.abs(st.cov_with_loss).max())
     assert compiled.llc_mean == pytest.approx(eager.llc_mean, rel=1e-3)
     if sampler != "sgnht":
         assert compiled.diagnostics["mala_acceptance"] == pytest.approx(eager.diagnostics["mala_acceptance"],

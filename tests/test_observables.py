@@ -131,6 +131,21 @@ def test_bif_matches_linear_gaussian_closed_form():
     np.testing.assert_allclose(whole.bif, out.bif, rtol=1e-9, atol=1e-15)
 
 
+def test_bif_rows_are_dataset_samples_when_the_loader_shuffles():
+    """Planted: a query that is training sample k has posterior correlation exactly 1 with row k, and BIF(k, k) =
+    −Var ℓ_k; with a shuffling loader the rows must still be the dataset's samples in order."""
+    model, loader, train, _ = linear_problem()
+    shuffled = DataLoader(loader.dataset, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(1))
+    ks = [5, 40]
+    query = (train[0][ks], train[1][ks])
+    config = slt.LLCConfig(**{**CONFIG, "num_chains": 2, "num_draws": 40, "num_burnin_steps": 20})
+    out = slt.bif(model, shuffled, query, per_sample, config, train_chunk_size=24)
+    for q, k in enumerate(ks):
+        assert int(np.argmax(out.correlation[:, q])) == k
+        np.testing.assert_allclose(out.correlation[k, q], 1.0, rtol=1e-9)
+        np.testing.assert_allclose(out.bif[k, q], -out.var_train[k], rtol=1e-9)
+
+
 def test_wbic_at_inverse_log_n_temperature_only():
     model, loader, train, _ = linear_problem()
     res = slt.sample_llc(model, loader, mean_loss, slt.LLCConfig(**{**CONFIG, "num_chains": 4, "num_draws": 200}))
@@ -145,6 +160,31 @@ def test_wbic_at_inverse_log_n_temperature_only():
     other = slt.sample_llc(model, loader, mean_loss,
                            slt.LLCConfig(**{**CONFIG, "num_chains": 2, "num_draws": 20, "nbeta": 5.0}))
     assert other.wbic is None and other.wbic_sem is None
+
+
+def test_combine_results_merges_observables_as_one_run():
+    """Chain blocks run apart (out of order) and combined give the one-run statistics: Chan's merge is exact."""
+    model, loader, _, query = linear_problem()
+    config = slt.LLCConfig(**{**CONFIG, "num_chains": 5, "num_draws": 30, "num_burnin_steps": 10})
+    obs = {"query": slt.observables.per_sample_loss(query, per_sample).fn, "norm": lambda m: m.weight.pow(2).sum()}
+    whole = slt.sample_llc(model, loader, mean_loss, config, observables=obs, keep_draws=True)
+    parts = [slt.sample_llc(model, loader, mean_loss, config, observables=obs, keep_draws=True, chain_ids=ids)
+             for ids in ([3, 4], [0], [1, 2])]
+    merged = slt.combine_results(parts)
+    np.testing.assert_allclose(merged.loss_trace, whole.loss_trace, rtol=1e-12)
+    for name, st in whole.observables.items():
+        got = merged.observables[name]
+        for field in ("mean_per_chain", "mean", "mean_sem", "var", "var_per_chain", "cov_with_loss_per_chain",
+                      "cov_with_loss", "cov_with_loss_sem", "partner_mean_per_chain", "draws"):
+            np.testing.assert_allclose(getattr(got, field), getattr(st, field), rtol=1e-10, atol=1e-15,
+                                       err_msg=f"{name}.{field}")
+        assert got.num_draws == st.num_draws and got.shape == st.shape
+    # the merged record round-trips through JSON and can be merged again
+    again = slt.LLCResult.from_json(merged.to_json())
+    np.testing.assert_allclose(again.observables["query"].var_per_chain, merged.observables["query"].var_per_chain)
+    with pytest.raises(ValueError, match="different observables"):
+        slt.combine_results([parts[0], slt.sample_llc(model, loader, mean_loss, config, chain_ids=[0],
+                                                      observables={"query": obs["query"]})])
 
 
 @pytest.mark.parametrize("checked", [False, True])
@@ -231,3 +271,77 @@ def test_susceptibilities_match_linear_gaussian_closed_form():
     assert np.mean(z**2) < 2.5 and np.abs(z).max() < 5, z
     scores, ratio = out.principal_components(2)
     assert scores.shape == (3, 2) and 0 < ratio[0] <= 1
+
+
+def _planted_susceptibilities(seed: int = 0) -> slt.SusceptibilityResult:
+    """A result with planted per-chain χ: 4 restrictions, 3 chains, probe sets of 5 and 3 samples."""
+    gen = np.random.default_rng(seed)
+    per_chain = {"a": gen.normal(size=(4, 3, 5)), "b": gen.normal(size=(4, 3, 3)) + 2.0}
+    chi = {k: v.mean(axis=1) for k, v in per_chain.items()}
+    sem = {k: v.std(axis=1, ddof=1) / math.sqrt(3) for k, v in per_chain.items()}
+    return slt.SusceptibilityResult(["r0", "r1", "r2", "r3"], chi, sem, None, per_chain)  # type: ignore[arg-type]
+
+
+def test_mean_response_se_is_over_chains_and_plot_shows_the_response_and_its_components(tmp_path):
+    sus = _planted_susceptibilities()
+    mean, se = sus.mean_response("a", [0, 2])
+    per_chain = sus.chi_per_chain["a"][:, :, [0, 2]].mean(axis=2)  # (R, C): chains are the independent units
+    np.testing.assert_allclose(mean, sus.chi["a"][:, [0, 2]].mean(axis=1))
+    np.testing.assert_allclose(se, per_chain.std(axis=1, ddof=1) / math.sqrt(3))
+    columns = {"a (0, 2)": ("a", [0, 2]), "b": ("b", slice(None))}
+    fig = slt.plots.plot_susceptibilities(sus, columns=columns, groups={"r0": "x", "r1": "y", "r2": "x", "r3": "y"},
+                                          path=tmp_path / "sus.png")
+    assert (tmp_path / "sus.png").stat().st_size > 0
+    heat, pcs = fig.axes[0], fig.axes[1]
+    np.testing.assert_allclose(heat.images[0].get_array(), np.stack([mean, sus.response[:, 1]], axis=1))
+    scores, ratio = sus.principal_components(2)
+    shown = np.concatenate([c.get_offsets() for c in pcs.collections])
+    order = [0, 2, 1, 3]  # drawn group by group: x = r0, r2; y = r1, r3
+    np.testing.assert_allclose(shown, scores[order])
+    # the components of the column-centred per-sample matrix: scores·loadings reproduce it at full rank
+    full, ratio_all = sus.principal_components(8)
+    m = np.concatenate([sus.chi["a"], sus.chi["b"]], axis=1)
+    m = m - m.mean(axis=0)
+    assert np.isclose(ratio_all.sum(), 1.0) and np.allclose(full @ full.T, m @ m.T)
+
+
+def test_plot_bif_shows_sorted_influences_and_top_correlations(tmp_path):
+    gen = np.random.default_rng(1)
+    n, q = 30, 2
+    cov = gen.normal(size=(n, q))
+    res = slt.BIFResult(-cov, np.full((n, q), 0.1), np.tanh(cov), np.zeros(n), np.ones(n), np.zeros(q), np.ones(q),
+                        4, 10, 1, None)  # type: ignore[arg-type]
+    fig = slt.plots.plot_bif(res, labels=["q0", "q1"], k=3, path=tmp_path / "bif.png")
+    assert (tmp_path / "bif.png").stat().st_size > 0
+    curves, heat = fig.axes[0], fig.axes[1]
+    np.testing.assert_allclose(curves.lines[0].get_ydata(), np.sort(res.bif[:, 0]))  # most helpful (negative) first
+    tops = list(res.top_influences(0, 3)) + [i for i in res.top_influences(1, 3) if i not in res.top_influences(0, 3)]
+    np.testing.assert_allclose(heat.images[0].get_array(), res.correlation[tops].T)
+
+
+def test_bif_is_the_derivative_of_the_query_loss_under_upweighting():
+    """Closed form, no sampling: up-weighting z_i (nβL_n → nβL_n + δℓ_i) keeps the posterior Gaussian, precision
+    P + 2δ x_i x_iᵀ and mean (P + 2δ x_i x_iᵀ)⁻¹(P w* + 2δ y_i x_i); dE_δ[ℓ_q]/dδ at 0 (central difference) equals
+    −Cov(ℓ_i, ℓ_q) = the BIF's definition. So a negative BIF is a helpful sample (top_influences' order)."""
+    model, _, train, query = linear_problem()
+    x, y = train
+    nbeta, gamma = N / math.log(N), 1.0
+    w = model.weight.detach()[0]
+    prec = 2 * nbeta / N * x.T @ x + gamma * torch.eye(D, dtype=torch.float64)
+
+    def expected_query_loss(i: int, delta: float) -> torch.Tensor:
+        p = prec + 2 * delta * torch.outer(x[i], x[i])
+        mu = torch.linalg.solve(p, prec @ w + 2 * delta * y[i] * x[i])
+        sigma = torch.linalg.inv(p)
+        r = query[0] @ mu - query[1]
+        return r**2 + ((query[0] @ sigma) * query[0]).sum(1)
+
+    h = 1e-4
+    deriv = torch.stack([(expected_query_loss(i, h) - expected_query_loss(i, -h)) / (2 * h) for i in range(N)])
+    bif_truth = -closed_form_cov(model, train, query, nbeta, gamma)
+    np.testing.assert_allclose(deriv.numpy(), bif_truth, rtol=1e-5, atol=1e-9)
+    res = slt.BIFResult(bif_truth, np.zeros_like(bif_truth), bif_truth, *(np.zeros(k) for k in (N, N, 4, 4)),
+                        1, 1, 1, None)  # type: ignore[arg-type]
+    helpful = res.top_influences(0, 3)
+    assert np.all(deriv[helpful, 0].numpy() <= np.sort(deriv[:, 0].numpy())[2] + 1e-15)  # the 3 largest decreases
+    assert np.all(deriv[res.top_harmful(0, 3), 0].numpy() > 0)

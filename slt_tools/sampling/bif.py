@@ -6,9 +6,11 @@ The local BIF of a training sample z_i on an observable φ is minus their poster
     BIF(z_i, φ) = −Cov_p(ℓ_i(w), φ(w)),   p(w) ∝ exp(−nβ·L_n(w) − (γ/2)‖w − w*‖²),
 
 and with φ = ℓ_q, the loss of a query sample z_q, it is a Hessian-free data attribution: up-weighting z_i in the
-tempered posterior by δ (nβ·L_n → nβ·L_n + δ·ℓ_i) moves E_p[ℓ_q] by −δ·Cov_p(ℓ_i, ℓ_q) + O(δ²) — positive BIF:
-training on z_i lowers z_q's loss. Here the covariance is reported unscaled (no factor of nβ or n; multiply by
-nβ/n for the per-sample weight of the tempered loss), with the posterior correlation
+tempered posterior by δ (nβ·L_n → nβ·L_n + δ·ℓ_i) moves E_p[ℓ_q] by −δ·Cov_p(ℓ_i, ℓ_q) + O(δ²), i.e. the BIF is
+dE_p[ℓ_q]/dδ: a *negative* BIF (losses that rise and fall together) means training more on z_i lowers z_q's
+expected loss — z_i helps z_q, as a sample helps itself (BIF(z_q, z_q) = −Var ℓ_q); a positive one means it hurts
+(tested against the closed-form derivative for linear regression). Here the covariance is reported unscaled (no
+factor of nβ or n; multiply by nβ/n for the per-sample weight of the tempered loss), with the posterior correlation
 ρ_iq = Cov(ℓ_i, ℓ_q)/√(Var ℓ_i · Var ℓ_q), which is free of that convention.
 
 The chains are the LLC's (:func:`slt_tools.sample_llc`): at each draw the per-sample losses of a chunk of training
@@ -60,13 +62,31 @@ class BIFResult:
     llc: LLCResult
 
     def top_influences(self, q: int, k: int = 5) -> np.ndarray:
-        """Indices of the k training samples of largest BIF on query q (most helpful first)."""
-        return np.argsort(-self.bif[:, q])[:k]
+        """Indices of the k training samples of most negative BIF on query q: the most helpful first (up-weighting
+        them lowers E_p[ℓ_q] the most; module docstring)."""
+        return np.argsort(self.bif[:, q], kind="stable")[:k]
+
+    def top_harmful(self, q: int, k: int = 5) -> np.ndarray:
+        """Indices of the k training samples of largest positive BIF on query q (up-weighting them raises E_p[ℓ_q])."""
+        return np.argsort(-self.bif[:, q], kind="stable")[:k]
+
+
+def in_order(loader: Any) -> Any:
+    """``loader`` itself, or, for a :class:`torch.utils.data.DataLoader` that shuffles (any sampler but the
+    sequential one), the same dataset, batch size and collate function without shuffling: row i of the
+    concatenation is then sample i of the dataset (a shuffled loader would give a new permutation per pass)."""
+    from torch.utils.data import DataLoader, SequentialSampler
+
+    if not isinstance(loader, DataLoader) or isinstance(loader.sampler, SequentialSampler):
+        return loader
+    return DataLoader(loader.dataset, batch_size=loader.batch_size or 1, shuffle=False,
+                      collate_fn=loader.collate_fn, num_workers=0)
 
 
 def concat_batches(loader: Any) -> Any:
-    """All batches of ``loader`` concatenated along the leading axis (tensor leaves; other leaves from batch 0)."""
-    batches = list(loader)
+    """All batches of ``loader`` concatenated along the leading axis (tensor leaves; other leaves from batch 0), in
+    dataset order for a shuffling DataLoader (:func:`in_order`)."""
+    batches = list(in_order(loader))
     if not batches:
         raise ValueError("the training loader is empty")
     flat = [tree_flatten(b)[0] for b in batches]
@@ -128,7 +148,8 @@ def bif(model: nn.Module, train_loader: Any, query_samples: Any, loss_per_sample
         train_chunk_size: int | None = None, eval_batch_size: int = 1024, block: int = 32,
         device: str | torch.device | None = None) -> BIFResult:
     """Local BIF(z_i, z_q) = −Cov_p(ℓ_i, ℓ_q) of every training sample z_i of ``train_loader`` on every query sample
-    z_q of the batch ``query_samples`` (module docstring for the definition and normalisation).
+    z_q of the batch ``query_samples`` (module docstring for the definition and normalisation). Row i is sample i of
+    the loader's dataset, also when the loader shuffles (the chains still sample with the loader as given).
 
     Args:
         loss_per_sample_fn: ``fn(model, batch) -> (B,)`` unreduced per-sample losses.

@@ -141,7 +141,43 @@ def stats_from_chains(name: str, shape: Sequence[int], chains: Sequence[Moments]
     covs = np.concatenate([_np(c.cov_xy()[..., 0]) for c in chains])
     return ObservableStats(name, list(shape), int(pooled.n // len(chains)), means, _np(pooled.mean_x[0]),
                            _sem(means), _np(pooled.var_x()[0]), covs, _np(pooled.cov_xy()[0, :, 0]), _sem(covs),
-                           draws)
+                           draws, var_per_chain=np.concatenate([_np(c.var_x()) for c in chains]),
+                           partner_mean_per_chain=np.concatenate([_np(c.mean_y[:, 0]) for c in chains]),
+                           partner_var_per_chain=np.concatenate([_np(c.var_y()[:, 0]) for c in chains]))
+
+
+def moments_of(stats: ObservableStats) -> list[Moments]:
+    """The single-chain moments behind an :class:`ObservableStats` (exact inverse of :func:`stats_from_chains` up to
+    float64 rounding): M = (n − 1)·variance, M_xy = (n − 1)·covariance."""
+    if stats.var_per_chain is None or stats.partner_mean_per_chain is None or stats.partner_var_per_chain is None:
+        raise ValueError(f"observable {stats.name!r} has no per-chain variances (saved by an older version): "
+                         "its statistics cannot be merged")
+    n, f = stats.num_draws, stats.num_draws - 1
+    t = (lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64)))  # noqa: E731
+    return [Moments(n, t(stats.mean_per_chain[c])[None], t(stats.partner_mean_per_chain[c:c + 1])[None],
+                    t(stats.var_per_chain[c])[None] * f, t(stats.partner_var_per_chain[c:c + 1])[None] * f,
+                    t(stats.cov_with_loss_per_chain[c])[None, :, None] * f)
+            for c in range(stats.mean_per_chain.shape[0])]
+
+
+def combine_observables(parts: Sequence[Mapping[str, ObservableStats]], order: Sequence[int]
+                        ) -> dict[str, ObservableStats]:
+    """Merge the observables of disjoint chain blocks of one run: the blocks' chains concatenated, reordered by
+    ``order`` (positions into that concatenation, e.g. by chain id), and pooled by Chan's merge."""
+    names = list(parts[0])
+    if any(list(p) != names for p in parts):
+        raise ValueError(f"cannot combine results with different observables: {[list(p) for p in parts]}")
+    out = {}
+    for name in names:
+        stats = [p[name] for p in parts]
+        if len({s.num_draws for s in stats}) != 1 or len({tuple(s.shape) for s in stats}) != 1:
+            raise ValueError(f"observable {name!r}: the parts have different numbers of draws or shapes")
+        chains = [c for s in stats for c in moments_of(s)]
+        draws = None
+        if all(s.draws is not None for s in stats):
+            draws = np.concatenate([s.draws for s in stats])[list(order)]  # type: ignore[misc]
+        out[name] = stats_from_chains(name, stats[0].shape, [chains[i] for i in order], draws)
+    return out
 
 
 def chains_of(acc: CrossMoments, rows: Sequence[int] | None = None) -> tuple[list[Moments], np.ndarray | None]:

@@ -293,7 +293,10 @@ class ObservableStats:
 
     ``mean_per_chain`` (C, K) and ``cov_with_loss_per_chain`` (C, K) are within-chain; ``mean``, ``var`` and
     ``cov_with_loss`` pool every chain's draws (Chan merge); ``mean_sem``/``cov_with_loss_sem`` are the spread of the
-    per-chain values over √C. ``draws`` (C, T, K) only with ``keep_draws=True``."""
+    per-chain values over √C. ``draws`` (C, T, K) only with ``keep_draws=True``. ``var_per_chain`` (C, K) and the
+    covariance partner's (the minibatch loss's, or a reference observable's) per-chain mean and variance (C,) make
+    the record mergeable: with them the per-chain moments are recovered exactly and chain blocks of one run combine
+    into the statistics of the whole run (:func:`combine_results`, Chan's merge)."""
 
     name: str
     shape: list[int]
@@ -307,6 +310,9 @@ class ObservableStats:
     cov_with_loss_sem: np.ndarray
     draws: np.ndarray | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    var_per_chain: np.ndarray | None = None
+    partner_mean_per_chain: np.ndarray | None = None
+    partner_var_per_chain: np.ndarray | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe({k: getattr(self, k) for k in self.__dataclass_fields__})
@@ -314,7 +320,7 @@ class ObservableStats:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ObservableStats:
         arrays = ("mean_per_chain", "mean", "mean_sem", "var", "cov_with_loss_per_chain", "cov_with_loss",
-                  "cov_with_loss_sem", "draws")
+                  "cov_with_loss_sem", "draws", "var_per_chain", "partner_mean_per_chain", "partner_var_per_chain")
         return cls(**{k: (np.array(v, dtype=float) if k in arrays and v is not None else v) for k, v in d.items()})
 
 
@@ -473,7 +479,9 @@ _RUN_FACTS = ("vectorized", "fallback_reason", "device", "compiled")
 
 
 def combine_results(parts: Sequence[LLCResult], on_divergence: str = "raise", warn: bool = True) -> LLCResult:
-    """Merge results of disjoint chain blocks of one run (same w*, data, hyperparameters) into one result."""
+    """Merge results of disjoint chain blocks of one run (same w*, data, hyperparameters) into one result; their
+    observables' statistics are merged exactly (Chan's merge of the per-chain moments, chains in id order: the
+    same numbers as one run of all chains, up to float64 rounding)."""
     if not parts:
         raise ValueError("combine_results needs at least one result")
     hp = {k: v for k, v in parts[0].hyperparameters.items() if k not in ("chain_ids", "num_chains")}
@@ -490,5 +498,10 @@ def combine_results(parts: Sequence[LLCResult], on_divergence: str = "raise", wa
     mala = None if any(m is None for m in mala_parts) else np.concatenate(mala_parts)[order]
     extra = {k: parts[0].diagnostics[k] for k in _RUN_FACTS}
     extra["wall_time_s"] = float(sum(p.diagnostics.get("wall_time_s", 0.0) for p in parts))
-    return summarize(trace, parts[0].init_loss, {**hp, "num_chains": len(ids)}, ids, mala, on_divergence, extra,
-                     warn=warn)
+    result = summarize(trace, parts[0].init_loss, {**hp, "num_chains": len(ids)}, ids, mala, on_divergence, extra,
+                       warn=warn)
+    if any(p.observables for p in parts):
+        from slt_tools.sampling.observables import combine_observables
+
+        result.observables = combine_observables([p.observables for p in parts], order)
+    return result

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -50,18 +50,30 @@ REFERENCE = "reference_loss"
 @dataclass
 class SusceptibilityResult:
     """χ per restriction and probe sample: ``chi[probe_set]`` (R, P_k), ``chi_sem`` likewise, rows in
-    ``restrictions`` order; ``response`` (R, number of probe sets) the mean over each set's samples; ``refined``
-    the batched run (per-restriction LLCs too)."""
+    ``restrictions`` order; ``chi_per_chain[probe_set]`` (R, C, P_k) the within-chain estimates the SEs come from;
+    ``response`` (R, number of probe sets) the mean over each set's samples; ``refined`` the batched run
+    (per-restriction LLCs too)."""
 
     restrictions: list[str]
     chi: dict[str, np.ndarray]
     chi_sem: dict[str, np.ndarray]
     refined: RefinedLLCResult
+    chi_per_chain: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def response(self) -> np.ndarray:
         """Restriction × probe-set response matrix: each set's per-sample χ averaged."""
         return np.stack([self.chi[k].mean(axis=1) for k in self.chi], axis=1)
+
+    def mean_response(self, probe_set: str, samples: Any = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        """(χ averaged over the probe samples ``samples`` of ``probe_set``, its SE) per restriction (R,): the SE is
+        the spread over chains of the within-chain averages / √C (chains are independent; the probe samples of one
+        chain are not, so averaging the per-sample SEs would be wrong)."""
+        mean = self.chi[probe_set][:, samples].mean(axis=1)
+        per_chain = self.chi_per_chain[probe_set][:, :, samples].mean(axis=2)
+        c = per_chain.shape[1]
+        sem = per_chain.std(axis=1, ddof=1) / math.sqrt(c) if c > 1 else np.full_like(mean, np.nan)
+        return mean, sem
 
     def principal_components(self, k: int = 2) -> tuple[np.ndarray, np.ndarray]:
         """(scores (R, k), explained variance ratios (k,)) of the column-centred per-sample response matrix
@@ -107,13 +119,13 @@ def susceptibilities(model: nn.Module, train_loader: Any, probe_sets: Mapping[st
         prepared = [prepare_observables(model, g.layout, g.theta0, obs) for g in problem.groups]
         res = sample_refined(problem, config, observables=prepared, reference=REFERENCE)
     names = list(res.keys())
-    chi, sem = {}, {}
+    chi, sem, chains = {}, {}, {}
     for k in probe_sets:
         per_chain = np.stack([res[r].observables[REFERENCE].cov_with_loss_per_chain[:, :1]
                               - res[r].observables[f"probe:{k}"].cov_with_loss_per_chain for r in names])
         pooled = np.stack([res[r].observables[REFERENCE].cov_with_loss[:1]
                            - res[r].observables[f"probe:{k}"].cov_with_loss for r in names])
         c = per_chain.shape[1]
-        chi[k] = pooled
+        chi[k], chains[k] = pooled, per_chain
         sem[k] = per_chain.std(axis=1, ddof=1) / math.sqrt(c) if c > 1 else np.full_like(pooled, np.nan)
-    return SusceptibilityResult(names, chi, sem, res)
+    return SusceptibilityResult(names, chi, sem, res, chains)
