@@ -297,9 +297,12 @@ def score(c: Curve, stages) -> dict:
             "tp_ruptures": _tp_ruptures(c.boundaries, found, float(c.steps[-1]))}
 
 
-def stability(c: Curve, stages, rng, draws: int) -> float:
+def stability(c: Curve, stages, rng, draws: int) -> tuple[float, list[tuple[float, float]]]:
+    """Fraction of re-draws giving the same stages; and per original boundary (its replicate support, the fraction
+    of re-draws with a boundary within 0.15 decades of it): is the support an honest forecast of a repeat?"""
     same = 0
     ref = [b.step for b in stages.boundaries]
+    hits = np.zeros(len(ref))
     for _ in range(draws):
         c2 = Curve(**{**c.__dict__, "llc": c.true_llc + c.noise_sd * rng.standard_normal(len(c.steps))})
         st = detect(c2)
@@ -307,13 +310,23 @@ def stability(c: Curve, stages, rng, draws: int) -> float:
         ok = [s.kind for s in st] == [s.kind for s in stages] and len(got) == len(ref) and all(
             abs(math.log10(a + 1) - math.log10(b + 1)) <= TOL_DECADES for a, b in zip(got, ref))
         same += ok
-    return same / draws
+        hits += [any(abs(math.log10(a + 1) - math.log10(g + 1)) <= TOL_DECADES for g in got) for a in ref]
+    return same / draws, [(b.replicate_support, h / draws) for b, h in zip(stages.boundaries, hits)]
+
+
+def _calibration(pairs: list[tuple[float, float]]) -> dict:
+    """Re-draw frequency of the stability curves' boundaries, split by their replicate support (≥ 0.9 or not)."""
+    hi = [f for s, f in pairs if s >= 0.9]
+    lo = [f for s, f in pairs if s < 0.9]
+    return {"support_vs_redraw": [[round(s, 3), round(f, 3)] for s, f in pairs],
+            "redraw_freq_support_ge_0.9": float(np.mean(hi)) if hi else None, "n_support_ge_0.9": len(hi),
+            "redraw_freq_support_lt_0.9": float(np.mean(lo)) if lo else None, "n_support_lt_0.9": len(lo)}
 
 
 def evaluate(name: str, curves: int, stab_curves: int, stab_draws: int) -> dict:
     rng = np.random.default_rng(FAMILY_SEED[name])
     tot = {"tp": 0, "fp": 0, "fn": 0, "right": 0, "kinds": 0, "tp_ruptures": 0}
-    false_stage, stab, t0 = 0, [], time.perf_counter()
+    false_stage, stab, calib, t0 = 0, [], [], time.perf_counter()
     for i in range(curves):
         c = FAMILIES[name](rng)
         st = detect(c)
@@ -321,7 +334,9 @@ def evaluate(name: str, curves: int, stab_curves: int, stab_draws: int) -> dict:
             tot[k] += v
         false_stage += (len(st.boundaries) > 0) if not c.boundaries else 0
         if i < stab_curves:
-            stab.append(stability(c, st, rng, stab_draws))
+            frac, pairs = stability(c, st, rng, stab_draws)
+            stab.append(frac)
+            calib += pairs
     p = tot["tp"] / max(tot["tp"] + tot["fp"], 1)
     r = tot["tp"] / max(tot["tp"] + tot["fn"], 1)
     found, planted = tot["tp"] + tot["fp"], tot["tp"] + tot["fn"]
@@ -331,6 +346,7 @@ def evaluate(name: str, curves: int, stab_curves: int, stab_draws: int) -> dict:
            "f1_ruptures_greedy": 2 * pr * rr / max(pr + rr, 1e-12),
            "type_accuracy": tot["right"] / max(tot["kinds"], 1), "false_stage_rate": false_stage / curves,
            "stability": float(np.mean(stab)) if stab else None, "stability_draws": len(stab) * stab_draws,
+           **_calibration(calib),
            "seconds_per_curve": (time.perf_counter() - t0) / (curves + len(stab) * stab_draws)}
     return out
 

@@ -33,16 +33,19 @@ from slt_tools.stages._gp import GP
 
 @dataclass
 class Boundary:
-    """A stage boundary: the step, a plausible interval [lo, hi] of steps, and the probability that it exists."""
+    """A stage boundary: the step, a plausible interval [lo, hi] of steps, the posterior probability that it
+    exists, and (with ``replicates``) the fraction of posterior-predictive replicates of the data that find it."""
 
     step: float
     interval: tuple[float, float]
     probability: float
     same_direction: bool
+    replicate_support: float = float("nan")
 
     def to_dict(self) -> dict:
+        rs = self.replicate_support
         return {"step": self.step, "interval": list(self.interval), "probability": self.probability,
-                "same_direction": self.same_direction}
+                "same_direction": self.same_direction, "replicate_support": None if math.isnan(rs) else rs}
 
 
 @dataclass
@@ -210,19 +213,16 @@ def unsupported_stages(edges: list[float], signs: list[float], x: np.ndarray, y:
     return out
 
 
-def segment(gp: GP, grid_x: np.ndarray, grid_steps: np.ndarray, x: np.ndarray, *, z: float, min_rel_change: float,
-            plateau_slope: float, level: float, min_points: int, min_length: float, num_samples: int,
-            seed: int, secant_window: bool = True) -> tuple[list[Boundary], list[_Move]]:
-    """Boundaries (with intervals and existence probabilities ≥ ``level``) and the moves between them."""
+def _prune(gp: GP, grid_x: np.ndarray, x: np.ndarray, moves: list[_Move], *, z: float, min_rel_change: float,
+           plateau_slope: float, level: float, min_points: int, min_length: float, num_samples: int,
+           rng: np.random.Generator) -> tuple[list[_Move], np.ndarray, list[int]]:
+    """Remove boundaries between ``moves`` (module docstring) until every remaining one is supported; returns the
+    moves, the boundaries' existence probabilities and their grid indices."""
     mu, _, slope, slope_sd = gp.predict(grid_x)
     a = np.abs(slope)
     thr = min_rel_change * float(np.ptp(mu))
-    secant = (secant_changes(gp, grid_x, 0.3 * gp.hyperparameters["lengthscale"], x, min_points)
-              if secant_window else None)
-    moves = find_moves(mu, slope, slope_sd, z=z, min_rel_change=min_rel_change, plateau_slope=plateau_slope,
-                       secant=secant)
     span = float(grid_x[-1] - grid_x[0])
-    rng = np.random.default_rng(seed)
+    probs, b = np.array([]), []
     while len(moves) > 1:
         b = [_boundary_index(moves[k], moves[k + 1], a, slope_sd) for k in range(len(moves) - 1)]
         probs = existence_probabilities(gp, grid_x, moves, a, slope_sd, thr=thr, plateau_slope=plateau_slope,
@@ -239,12 +239,65 @@ def segment(gp: GP, grid_x: np.ndarray, grid_steps: np.ndarray, x: np.ndarray, *
         if probs.min() >= level:
             break
         moves = _merge(moves, int(np.argmin(probs)), mu)
+    return moves, (probs if len(moves) > 1 else np.array([])), (b if len(moves) > 1 else [])
+
+
+def _moves(gp: GP, grid_x: np.ndarray, x: np.ndarray, *, z: float, min_rel_change: float, plateau_slope: float,
+           min_points: int, secant_window: bool) -> list[_Move]:
+    mu, _, slope, slope_sd = gp.predict(grid_x)
+    secant = (secant_changes(gp, grid_x, 0.3 * gp.hyperparameters["lengthscale"], x, min_points)
+              if secant_window else None)
+    return find_moves(mu, slope, slope_sd, z=z, min_rel_change=min_rel_change, plateau_slope=plateau_slope,
+                      secant=secant)
+
+
+def replicate_support(moves: list[_Move], replicate_bounds: list[list[int]]) -> np.ndarray:
+    """Per boundary between moves k and k+1, the fraction of replicates with a boundary (grid index) strictly
+    between the two moves' slope peaks: the stretch where a boundary separating those two moves can lie."""
+    out = []
+    for k in range(len(moves) - 1):
+        lo, hi = moves[k].peak, moves[k + 1].peak
+        out.append(float(np.mean([any(lo < i < hi for i in rb) for rb in replicate_bounds])))
+    return np.array(out)
+
+
+def segment(gp: GP, grid_x: np.ndarray, grid_steps: np.ndarray, x: np.ndarray, *, z: float, min_rel_change: float,
+            plateau_slope: float, level: float, min_points: int, min_length: float, num_samples: int,
+            seed: int, secant_window: bool = True, replicates: int = 0,
+            replicate_level: float = 0.0) -> tuple[list[Boundary], list[_Move]]:
+    """Boundaries (with intervals and existence probabilities ≥ ``level``) and the moves between them.
+
+    ``replicates`` > 0: the segmentation is repeated on that many posterior-predictive replicates of the data
+    (:meth:`GP.sample_replicates`, hyperparameters held fixed) — curves a repeat of the run could have given — and
+    each boundary reports its ``replicate_support``, the fraction of replicates that find a boundary between the
+    same two moves (:func:`replicate_support`). Boundaries with support below ``replicate_level`` are removed, least
+    supported first, the rest re-pruned after each removal (0: none is removed for its support)."""
+    mkw = dict(z=z, min_rel_change=min_rel_change, plateau_slope=plateau_slope, min_points=min_points,
+               secant_window=secant_window)
+    pkw = dict(z=z, min_rel_change=min_rel_change, plateau_slope=plateau_slope, level=level, min_points=min_points,
+               min_length=min_length)
+    rng = np.random.default_rng(seed)
+    moves, probs, _ = _prune(gp, grid_x, x, _moves(gp, grid_x, x, **mkw), num_samples=num_samples, rng=rng, **pkw)
+    mu, _, slope, slope_sd = gp.predict(grid_x)
+    support = np.full(max(len(moves) - 1, 0), np.nan)
+    if replicates and len(moves) > 1:
+        rep = []
+        for y_rep in gp.sample_replicates(replicates, rng):
+            g = gp.conditioned_on(y_rep)
+            rep.append(_prune(g, grid_x, x, _moves(g, grid_x, x, **mkw), num_samples=max(200, num_samples // 4),
+                              rng=rng, **pkw)[2])
+        support = replicate_support(moves, rep)
+        while len(moves) > 1 and support.min() < replicate_level:
+            moves = _merge(moves, int(np.argmin(support)), mu)
+            moves, probs, _ = _prune(gp, grid_x, x, moves, num_samples=num_samples, rng=rng, **pkw)
+            support = replicate_support(moves, rep) if len(moves) > 1 else support[:0]
     if len(moves) < 2:
         return [], moves
+    a = np.abs(slope)
     out = []
     for k in range(len(moves) - 1):
         bi = _boundary_index(moves[k], moves[k + 1], a, slope_sd)
         lo, hi = _interval(moves[k], moves[k + 1], bi, a, slope_sd, z)
         out.append(Boundary(float(grid_steps[bi]), (float(grid_steps[lo]), float(grid_steps[hi])), float(probs[k]),
-                            moves[k].sign == moves[k + 1].sign))
+                            moves[k].sign == moves[k + 1].sign, float(support[k])))
     return out, moves
