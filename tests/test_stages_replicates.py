@@ -85,6 +85,25 @@ def test_replicate_support_is_lower_where_repeats_miss_the_boundary():
     assert mean_support[1] >= 0.85 > mean_support[0], mean_support
 
 
+def test_transitions_between_sparse_checkpoints_are_stages():
+    """Three jumps that each happen between two checkpoints (22 irregular checkpoints, noise sd 1, jumps of 69, 57
+    and −52): the GP slope inside such a gap is undetermined, so no point of it is a significant-slope move, but the
+    change of level across the gap is (``gap_changes``). Planted: A in (5, 8], A in (42, 128], B in (200, 4157];
+    the boundaries lie on the plateaus between, [8, 42] and [128, 4157]. Without gap moves: one stage (measured)."""
+    steps = np.array([3, 4, 5, 8, 15, 18, 19, 23, 36, 42, 128, 182, 200, 4157, 6671, 10866, 22742, 37026, 43583,
+                      47982, 63104, 69667.0])
+    lvl = np.select([steps <= 5, steps <= 42, steps <= 200], [117.0, 186.0, 243.0], 191.0)
+    loss = np.select([steps <= 5, steps <= 42], [3.0, 2.0], 1.0)
+    for seed in range(3):
+        llc = lvl + np.random.default_rng(seed).standard_normal(len(steps))
+        st = detect_stages(steps, llc, loss=loss, llc_std=np.full(len(steps), 1.5), replicates=0)
+        assert [s.kind for s in st] == ["A", "A", "B"]
+        (b1, b2) = st.boundaries
+        assert 8 <= b1.step <= 42 and 128 <= b2.step <= 4157 and min(b1.probability, b2.probability) >= 0.95
+        off = detect_stages(steps, llc, loss=loss, llc_std=np.full(len(steps), 1.5), replicates=0, gap_moves=False)
+        assert len(off) == 1
+
+
 def test_benchmark_matching_is_one_to_one_where_ruptures_is_greedy():
     """Two planted boundaries 0.14 decades apart, each found within 0.01 decades: a maximum one-to-one matching
     counts 2 hits; ruptures' greedy precision_recall lets the first planted boundary use up both found ones."""

@@ -3,8 +3,10 @@
 A *move* is a maximal run of the grid where the posterior slope is significantly non-zero, |μ'(x)| > z·sd(μ'(x)),
 with one sign, and where μ changes by at least ``min_rel_change`` × range(μ). Where no such run is, a run where the
 change across a window of ±0.3 GP lengthscales is significant, |D| > z·sd(D) (:func:`secant_changes`), is a move
-too: a slow, small LLC drop under noise has no point of significant slope, but a significant change.
-A run of the same sign is split at an
+too: a slow, small LLC drop under noise has no point of significant slope, but a significant change. So is a
+gap of at least one GP lengthscale between two consecutive checkpoints across which the level changes
+significantly (:func:`gap_changes`), where no other move is: a transition that happened between two sparse
+checkpoints has no point of significant slope either. A run of the same sign is split at an
 interior minimum of |μ'| below ``plateau_slope`` × the smaller of the slope peaks on either side (two transitions
 in the same direction with a slowdown between them). Stages are the moves; a boundary lies between two consecutive
 moves — at the middle of the gap between them (the plateau, or the extremum of λ̂ when the directions differ), or at
@@ -106,11 +108,45 @@ def secant_changes(gp: GP, grid_x: np.ndarray, half_width: float, x: np.ndarray,
     return d, np.sqrt(np.clip(var, 0, None))
 
 
+def gap_changes(x: np.ndarray, y: np.ndarray, noise_var: np.ndarray, grid_x: np.ndarray,
+                min_points: int, gp: GP | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per grid point in the gap between consecutive observations x_i < x_{i+1}: the change of level across the gap
+    read from the data, d = m_R − m_L, with m_L, m_R the inverse-variance weighted means (weights 1/σ_j², the GP's
+    fitted noise variances) of the ``min_points`` observations ending at x_i and starting at x_{i+1}, and its
+    standard error √(1/Σw_L + 1/Σw_R); 0 (se 1) where either side has fewer points. Given ``gp``, d is also set to
+    0 where the gap is narrower than the GP lengthscale (there the GP interpolates and its slope is the test), or
+    where the posterior change f(x_{i+1}) − f(x_i) is not significant (|·| ≤ 2 sd) or has the other sign: the
+    change must happen *in this gap*, not in a neighbouring one that a block reaches into.
+    A transition that happens between two checkpoints leaves the GP slope inside the gap undetermined — the data do
+    not say where in the gap it happened — while the change of level across it is determined; the block means keep
+    one outlying point from making it."""
+    order = np.argsort(x)
+    xs, ys, w = x[order], y[order], 1.0 / noise_var[order]
+    n, k = len(xs), min_points
+    d_gap, se_gap = np.zeros(max(n - 1, 0)), np.ones(max(n - 1, 0))
+    for i in range(k - 1, n - k):
+        lw, rw = w[i - k + 1: i + 1], w[i + 1: i + 1 + k]
+        d_gap[i] = rw @ ys[i + 1: i + 1 + k] / rw.sum() - lw @ ys[i - k + 1: i + 1] / lw.sum()
+        se_gap[i] = math.sqrt(1.0 / lw.sum() + 1.0 / rw.sum())
+    if gp is not None:  # and the GP's change across the gap itself must be significant, of the same sign
+        mean, cov = gp.joint(xs, xs[:0])
+        g = np.diff(mean)
+        gsd = np.sqrt(np.clip(np.diag(cov)[1:] + np.diag(cov)[:-1] - 2 * np.diag(cov, 1), 1e-300, None))
+        wide = np.diff(xs) >= gp.hyperparameters["lengthscale"]
+        keep = wide & (np.abs(g) > 2 * gsd) & (np.sign(g) == np.sign(d_gap))
+        d_gap = np.where(keep, d_gap, 0.0)
+    j = np.clip(np.searchsorted(xs, grid_x, "right") - 1, 0, max(n - 2, 0))
+    return d_gap[j], se_gap[j]
+
+
 def find_moves(mu: np.ndarray, slope: np.ndarray, slope_sd: np.ndarray, *, z: float, min_rel_change: float,
-               plateau_slope: float, secant: tuple[np.ndarray, np.ndarray] | None = None) -> list[_Move]:
+               plateau_slope: float, secant: tuple[np.ndarray, np.ndarray] | None = None,
+               gap: tuple[np.ndarray, np.ndarray] | None = None) -> list[_Move]:
     """Moves of the smoothed curve (see module docstring). A grid point moves if its slope is significant,
     |μ'| > z·sd, or (given ``secant`` = :func:`secant_changes`) the change across the window around it is,
-    |D| > z·sd(D) and |D| ≥ ``min_rel_change`` × range; the direction is the slope's, else D's."""
+    |D| > z·sd(D) and |D| ≥ ``min_rel_change`` × range; the direction is the slope's, else D's. Given ``gap`` =
+    :func:`gap_changes`, grid points in a gap between two checkpoints across which the change is significant (same
+    test) and that no other move covers are a move too, in the direction of that change."""
     a = np.abs(slope)
     thr = min_rel_change * float(np.ptp(mu))
     runs = [m for m in _runs(a, a > z * slope_sd, np.sign(slope)) if abs(mu[m.i1] - mu[m.i0]) >= thr]
@@ -122,6 +158,13 @@ def find_moves(mu: np.ndarray, slope: np.ndarray, slope_sd: np.ndarray, *, z: fl
         extra = [m for m in _runs(a, (np.abs(d) > z * dsd) & (np.abs(d) >= thr), np.sign(d))
                  if not taken[m.i0: m.i1 + 1].any() and abs(mu[m.i1] - mu[m.i0]) >= thr]
         runs = sorted(runs + extra, key=lambda m: m.i0)
+    if gap is not None:  # changes between two checkpoints, where no move is: only the points no move covers
+        d, dsd = gap
+        taken = np.zeros(len(a), bool)
+        for m in runs:
+            taken[m.i0: m.i1 + 1] = True
+        sig = (np.abs(d) > z * dsd) & (np.abs(d) >= thr) & ~taken
+        runs = sorted(runs + _runs(a, sig, np.sign(d)), key=lambda m: m.i0)
     merged: list[_Move] = []
     for m in runs:  # same-sign runs with no slowdown between them are one move
         if merged and merged[-1].sign == m.sign:
@@ -243,12 +286,13 @@ def _prune(gp: GP, grid_x: np.ndarray, x: np.ndarray, moves: list[_Move], *, z: 
 
 
 def _moves(gp: GP, grid_x: np.ndarray, x: np.ndarray, *, z: float, min_rel_change: float, plateau_slope: float,
-           min_points: int, secant_window: bool) -> list[_Move]:
+           min_points: int, secant_window: bool, gap_moves: bool) -> list[_Move]:
     mu, _, slope, slope_sd = gp.predict(grid_x)
     secant = (secant_changes(gp, grid_x, 0.3 * gp.hyperparameters["lengthscale"], x, min_points)
               if secant_window else None)
     return find_moves(mu, slope, slope_sd, z=z, min_rel_change=min_rel_change, plateau_slope=plateau_slope,
-                      secant=secant)
+                      secant=secant,
+                      gap=gap_changes(x, gp.y_data, gp.noise_var(), grid_x, min_points, gp) if gap_moves else None)
 
 
 def replicate_support(moves: list[_Move], replicate_bounds: list[list[int]]) -> np.ndarray:
@@ -263,7 +307,7 @@ def replicate_support(moves: list[_Move], replicate_bounds: list[list[int]]) -> 
 
 def segment(gp: GP, grid_x: np.ndarray, grid_steps: np.ndarray, x: np.ndarray, *, z: float, min_rel_change: float,
             plateau_slope: float, level: float, min_points: int, min_length: float, num_samples: int,
-            seed: int, secant_window: bool = True, replicates: int = 0,
+            seed: int, secant_window: bool = True, gap_moves: bool = True, replicates: int = 0,
             replicate_level: float = 0.0) -> tuple[list[Boundary], list[_Move]]:
     """Boundaries (with intervals and existence probabilities ≥ ``level``) and the moves between them.
 
@@ -273,7 +317,7 @@ def segment(gp: GP, grid_x: np.ndarray, grid_steps: np.ndarray, x: np.ndarray, *
     same two moves (:func:`replicate_support`). Boundaries with support below ``replicate_level`` are removed, least
     supported first, the rest re-pruned after each removal (0: none is removed for its support)."""
     mkw = dict(z=z, min_rel_change=min_rel_change, plateau_slope=plateau_slope, min_points=min_points,
-               secant_window=secant_window)
+               secant_window=secant_window, gap_moves=gap_moves)
     pkw = dict(z=z, min_rel_change=min_rel_change, plateau_slope=plateau_slope, level=level, min_points=min_points,
                min_length=min_length)
     rng = np.random.default_rng(seed)
