@@ -156,10 +156,13 @@ def stages(store: Path, plot_path: Path | None, as_json: bool, use_wandb: bool) 
     if as_json:
         click.echo(json.dumps(found.to_dict(), indent=2))
     else:
-        click.echo(f"{'start':>10} {'end':>10}  type  {'Δλ̂':>9} {'Δloss':>10}  P(type)  boundary interval, P(exists)")
+        click.echo(f"{'start':>10} {'end':>10}  type  {'Δλ̂':>9} {'Δloss':>10}  P(type)  boundary interval, P(exists), "
+                   f"found again in replicates")
+        support = {b.step: b.replicate_support for b in found.boundaries}
         for s in found:
+            rs = support.get(s.start, float("nan"))
             b = "" if s.start_interval is None else (f"[{s.start_interval[0]:g}, {s.start_interval[1]:g}], "
-                                                     f"{s.start_probability:.2f}")
+                                                     f"{s.start_probability:.2f}, {rs:.2f}")
             click.echo(f"{s.start:>10g} {s.end:>10g}  {s.kind:<4}  {s.delta_llc:>+9.3g} {s.delta_loss:>+10.3g}  "
                        f"{s.confidence:>7.2f}  {b}")
         for e in found.excluded:

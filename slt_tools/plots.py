@@ -86,7 +86,8 @@ def plot_stages(steps: Any, llc: Any, loss: Any = None, llc_std: Any = None, sta
     """LLC (± std band) and loss (twin axis) against training step on a log axis, stages shaded and labelled.
 
     Arguments in the order of :func:`slt_tools.detect_stages` (``steps, llc, loss, llc_std``). When ``stages`` comes
-    from ``detect_stages`` each boundary's interval is drawn as a bracket with its existence probability.
+    from ``detect_stages`` each boundary's interval is drawn as a bracket with its existence probability, and the
+    checkpoints it left out (``stages.excluded``: flagged or NaN estimates) as black crosses.
     """
     plt = _plt()
     steps = np.asarray(steps, dtype=float)
@@ -97,6 +98,11 @@ def plot_stages(steps: Any, llc: Any, loss: Any = None, llc_std: Any = None, sta
         lo = None  # a loss on its own step grid (e.g. per step) is not drawn against the checkpoints
     fig = ax.figure if ax is not None else plt.figure(figsize=(8, 4.2))
     ax = ax if ax is not None else fig.add_subplot(111)
+    left_out = {e["step"] for e in getattr(stages, "excluded", None) or []}
+    out_mask = np.array([s in left_out for s in steps], bool)
+    if out_mask.any():  # estimates left out of stage detection (flagged, NaN) are not evidence: marked as such
+        ax.scatter(steps[out_mask], llc[out_mask], marker="x", color="k", s=28, zorder=5,
+                   label=f"left out of stages ({int(out_mask.sum())})")
     _llc_and_loss(ax, steps, llc, std, lo)
     details = details if details is not None else getattr(stages, "details", None)
     if details is not None:

@@ -283,3 +283,4 @@ def test_stage_plot(tmp_path):
     assert ax.get_xscale() == "log" and "LLC" in ax.get_ylabel() and ax.get_xlabel() == "training step"
     assert {t.get_text() for t in ax.texts} >= {"A", "B"}
     assert len(stages) == len([t for t in ax.texts if t.get_text() in ("A", "B", "flat", "other")])
+    assert not any("left out" in t.get_text() for t in ax.get_legend().get_texts())  # nothing was flagged

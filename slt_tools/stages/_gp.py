@@ -52,6 +52,22 @@ class GP:
         self.theta = best.x
         self.x, self.y, self.rv = x, full_y, full_rv
         self._chol, self._alpha = self._factor(self.theta)
+        self._cache: dict = {}  # posterior covariances: they depend on the inputs and θ, not on y
+
+    def conditioned_on(self, y: np.ndarray) -> GP:
+        """The same GP (hyperparameters, noise, Cholesky factor) conditioned on other observations ``y`` (data
+        units) at the same inputs: only the posterior mean changes, so covariances are shared (cached)."""
+        other = object.__new__(GP)
+        other.__dict__.update(self.__dict__)
+        other.y = (np.asarray(y, dtype=float) - self.mean) / self.scale
+        other._alpha = scipy.linalg.cho_solve(self._chol, other.y)
+        return other
+
+    def sample_replicates(self, num: int, rng: np.random.Generator) -> np.ndarray:
+        """``num`` posterior-predictive replicates of the observations, y_rep = f(x_i) + ε_i with f a posterior
+        draw and ε_i ~ N(0, c·s_i² + σ_n²): data a repeat of the run could have given (data units), (num, n)."""
+        f = self.sample_joint(self.x, self.x[:0], num, rng)
+        return f + np.sqrt(self.noise_var()) * rng.standard_normal(f.shape)
 
     def _noise(self, theta: np.ndarray) -> np.ndarray:
         _, _, log_sn, log_c = theta
@@ -89,27 +105,31 @@ class GP:
     def joint(self, xv: np.ndarray, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Posterior mean and covariance of the stacked vector [f(xv); f'(xs)] (data units)."""
         log_sf, log_ls = self.theta[0], self.theta[1]
-        kv, _, _ = _kernels(xv, self.x, log_sf, log_ls)
-        _, ks, _ = _kernels(xs, self.x, log_sf, log_ls)
-        kstar = np.vstack([kv, ks])
-        kvv = _kernels(xv, xv, log_sf, log_ls)[0]
-        dsv = _kernels(xs, xv, log_sf, log_ls)[1]
-        dss = _kernels(xs, xs, log_sf, log_ls)[2]
-        prior = np.block([[kvv, dsv.T], [dsv, dss]])
-        mean = kstar @ self._alpha
-        cov = prior - kstar @ scipy.linalg.cho_solve(self._chol, kstar.T)
+        kstar = np.vstack([_kernels(xv, self.x, log_sf, log_ls)[0], _kernels(xs, self.x, log_sf, log_ls)[1]])
         units = np.r_[np.full(len(xv), self.scale), np.full(len(xs), self.scale)]
-        mean = mean * units + np.r_[np.full(len(xv), self.mean), np.zeros(len(xs))]
-        return mean, cov * np.outer(units, units)
+        mean = (kstar @ self._alpha) * units + np.r_[np.full(len(xv), self.mean), np.zeros(len(xs))]
+        key = ("joint", xv.tobytes(), xs.tobytes())
+        if key not in self._cache:
+            kvv = _kernels(xv, xv, log_sf, log_ls)[0]
+            dsv = _kernels(xs, xv, log_sf, log_ls)[1]
+            dss = _kernels(xs, xs, log_sf, log_ls)[2]
+            prior = np.block([[kvv, dsv.T], [dsv, dss]])
+            cov = prior - kstar @ scipy.linalg.cho_solve(self._chol, kstar.T)
+            self._cache[key] = cov * np.outer(units, units)
+        return mean, self._cache[key]
 
     def predict(self, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Marginal (mean, sd, slope, slope sd) at xs (data units)."""
         log_sf, log_ls = self.theta[0], self.theta[1]
         k, dk, _ = _kernels(xs, self.x, log_sf, log_ls)
         mean, slope = k @ self._alpha, dk @ self._alpha
-        var = math.exp(2 * log_sf) - np.einsum("ij,ji->i", k, scipy.linalg.cho_solve(self._chol, k.T))
-        slope_prior = math.exp(2 * log_sf) * 5.0 / (3 * math.exp(2 * log_ls))
-        slope_var = slope_prior - np.einsum("ij,ji->i", dk, scipy.linalg.cho_solve(self._chol, dk.T))
+        key = ("predict", xs.tobytes())
+        if key not in self._cache:
+            var = math.exp(2 * log_sf) - np.einsum("ij,ji->i", k, scipy.linalg.cho_solve(self._chol, k.T))
+            slope_prior = math.exp(2 * log_sf) * 5.0 / (3 * math.exp(2 * log_ls))
+            slope_var = slope_prior - np.einsum("ij,ji->i", dk, scipy.linalg.cho_solve(self._chol, dk.T))
+            self._cache[key] = (var, slope_var)
+        var, slope_var = self._cache[key]
         s = self.scale
         return (mean * s + self.mean, np.sqrt(np.clip(var, 0, None)) * s, slope * s,
                 np.sqrt(np.clip(slope_var, 0, None)) * s)
@@ -117,6 +137,8 @@ class GP:
     def sample_joint(self, xv: np.ndarray, xs: np.ndarray, num: int, rng: np.random.Generator) -> np.ndarray:
         """``num`` joint posterior draws of [f(xv); f'(xs)], shape (num, len(xv) + len(xs))."""
         mean, cov = self.joint(xv, xs)
-        w, v = np.linalg.eigh(0.5 * (cov + cov.T))
-        root = v * np.sqrt(np.clip(w, 0, None))
-        return mean + rng.standard_normal((num, len(mean))) @ root.T
+        key = ("root", xv.tobytes(), xs.tobytes())
+        if key not in self._cache:
+            w, v = np.linalg.eigh(0.5 * (cov + cov.T))
+            self._cache[key] = v * np.sqrt(np.clip(w, 0, None))
+        return mean + rng.standard_normal((num, len(mean))) @ self._cache[key].T

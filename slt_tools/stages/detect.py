@@ -111,7 +111,8 @@ def detect_stages(steps: Any, llc: Any = None, loss: Any = None, llc_std: Any = 
                   level: float = 0.95, min_points: int = 3, min_length: float = 0.02, min_lengthscale: float = 0.04,
                   max_lengthscale: float = 0.15, plateau_slope: float = 0.7, z: float = 2.0,
                   min_rel_change: float = 0.02, loss_tol: float = 0.04, flat_loss: float = 0.2,
-                  loss_bandwidth: float = 0.004, agreement_tol: float = 0.15, num_samples: int = 2000, seed: int = 0,
+                  loss_bandwidth: float = 0.004, agreement_tol: float = 0.15, num_samples: int = 2000,
+                  replicates: int = 20, replicate_level: float = 0.0, gap_moves: bool = True, seed: int = 0,
                   return_details: bool = False) -> StageList | tuple[StageList, StageDetails]:
     """Split training into stages of LLC change and type each (A/B/other/flat; up/down/flat without a loss).
 
@@ -123,6 +124,9 @@ def detect_stages(steps: Any, llc: Any = None, loss: Any = None, llc_std: Any = 
     than 2·``min_points`` usable checkpoints, a bad ``axis``. A constant curve is one ``"flat"`` stage.
     Method and knobs: the docstrings of :mod:`slt_tools.stages.segmentation` and :mod:`slt_tools.stages.classify`.
     ``milestones`` (steps or :func:`slt_tools.essential_dynamics` output) adds ``result.agreement``.
+    ``replicates``: posterior-predictive replicates whose segmentations give each boundary its ``replicate_support``
+    (``replicate_level`` > 0 removes boundaries supported less); ``gap_moves``: changes of level between two
+    consecutive checkpoints count as moves (sparse checkpoints, transitions between them).
     """
     if axis not in ("log", "linear"):
         raise ValueError(f"axis must be 'log' or 'linear', got {axis!r}")
@@ -143,7 +147,8 @@ def detect_stages(steps: Any, llc: Any = None, loss: Any = None, llc_std: Any = 
     gp = GP(x, y, None if sd is None else sd**2, min_ls=max(min_lengthscale * span, 1e-9),
             max_ls=max_lengthscale * span)
     bounds, moves = segment(gp, grid_x, grid_steps, x, z=z, min_rel_change=min_rel_change, plateau_slope=plateau_slope,
-                        level=level, min_points=min_points, min_length=min_length, num_samples=num_samples, seed=seed)
+                        level=level, min_points=min_points, min_length=min_length, num_samples=num_samples, seed=seed,
+                        gap_moves=gap_moves, replicates=replicates, replicate_level=replicate_level)
     stages, loss_grid = _type_stages(gp, c, bounds, moves, axis, grid_steps, min_rel_change=min_rel_change,
                                      loss_tol=loss_tol, flat_loss=flat_loss, bandwidth=loss_bandwidth,
                                      num_samples=num_samples, seed=seed)

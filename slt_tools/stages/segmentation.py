@@ -3,8 +3,10 @@
 A *move* is a maximal run of the grid where the posterior slope is significantly non-zero, |μ'(x)| > z·sd(μ'(x)),
 with one sign, and where μ changes by at least ``min_rel_change`` × range(μ). Where no such run is, a run where the
 change across a window of ±0.3 GP lengthscales is significant, |D| > z·sd(D) (:func:`secant_changes`), is a move
-too: a slow, small LLC drop under noise has no point of significant slope, but a significant change.
-A run of the same sign is split at an
+too: a slow, small LLC drop under noise has no point of significant slope, but a significant change. So is a
+gap of at least one GP lengthscale between two consecutive checkpoints across which the level changes
+significantly (:func:`gap_changes`), where no other move is: a transition that happened between two sparse
+checkpoints has no point of significant slope either. A run of the same sign is split at an
 interior minimum of |μ'| below ``plateau_slope`` × the smaller of the slope peaks on either side (two transitions
 in the same direction with a slowdown between them). Stages are the moves; a boundary lies between two consecutive
 moves — at the middle of the gap between them (the plateau, or the extremum of λ̂ when the directions differ), or at
@@ -33,16 +35,19 @@ from slt_tools.stages._gp import GP
 
 @dataclass
 class Boundary:
-    """A stage boundary: the step, a plausible interval [lo, hi] of steps, and the probability that it exists."""
+    """A stage boundary: the step, a plausible interval [lo, hi] of steps, the posterior probability that it
+    exists, and (with ``replicates``) the fraction of posterior-predictive replicates of the data that find it."""
 
     step: float
     interval: tuple[float, float]
     probability: float
     same_direction: bool
+    replicate_support: float = float("nan")
 
     def to_dict(self) -> dict:
+        rs = self.replicate_support
         return {"step": self.step, "interval": list(self.interval), "probability": self.probability,
-                "same_direction": self.same_direction}
+                "same_direction": self.same_direction, "replicate_support": None if math.isnan(rs) else rs}
 
 
 @dataclass
@@ -103,11 +108,45 @@ def secant_changes(gp: GP, grid_x: np.ndarray, half_width: float, x: np.ndarray,
     return d, np.sqrt(np.clip(var, 0, None))
 
 
+def gap_changes(x: np.ndarray, y: np.ndarray, noise_var: np.ndarray, grid_x: np.ndarray,
+                min_points: int, gp: GP | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per grid point in the gap between consecutive observations x_i < x_{i+1}: the change of level across the gap
+    read from the data, d = m_R − m_L, with m_L, m_R the inverse-variance weighted means (weights 1/σ_j², the GP's
+    fitted noise variances) of the ``min_points`` observations ending at x_i and starting at x_{i+1}, and its
+    standard error √(1/Σw_L + 1/Σw_R); 0 (se 1) where either side has fewer points. Given ``gp``, d is also set to
+    0 where the gap is narrower than the GP lengthscale (there the GP interpolates and its slope is the test), or
+    where the posterior change f(x_{i+1}) − f(x_i) is not significant (|·| ≤ 2 sd) or has the other sign: the
+    change must happen *in this gap*, not in a neighbouring one that a block reaches into.
+    A transition that happens between two checkpoints leaves the GP slope inside the gap undetermined — the data do
+    not say where in the gap it happened — while the change of level across it is determined; the block means keep
+    one outlying point from making it."""
+    order = np.argsort(x)
+    xs, ys, w = x[order], y[order], 1.0 / noise_var[order]
+    n, k = len(xs), min_points
+    d_gap, se_gap = np.zeros(max(n - 1, 0)), np.ones(max(n - 1, 0))
+    for i in range(k - 1, n - k):
+        lw, rw = w[i - k + 1: i + 1], w[i + 1: i + 1 + k]
+        d_gap[i] = rw @ ys[i + 1: i + 1 + k] / rw.sum() - lw @ ys[i - k + 1: i + 1] / lw.sum()
+        se_gap[i] = math.sqrt(1.0 / lw.sum() + 1.0 / rw.sum())
+    if gp is not None:  # and the GP's change across the gap itself must be significant, of the same sign
+        mean, cov = gp.joint(xs, xs[:0])
+        g = np.diff(mean)
+        gsd = np.sqrt(np.clip(np.diag(cov)[1:] + np.diag(cov)[:-1] - 2 * np.diag(cov, 1), 1e-300, None))
+        wide = np.diff(xs) >= gp.hyperparameters["lengthscale"]
+        keep = wide & (np.abs(g) > 2 * gsd) & (np.sign(g) == np.sign(d_gap))
+        d_gap = np.where(keep, d_gap, 0.0)
+    j = np.clip(np.searchsorted(xs, grid_x, "right") - 1, 0, max(n - 2, 0))
+    return d_gap[j], se_gap[j]
+
+
 def find_moves(mu: np.ndarray, slope: np.ndarray, slope_sd: np.ndarray, *, z: float, min_rel_change: float,
-               plateau_slope: float, secant: tuple[np.ndarray, np.ndarray] | None = None) -> list[_Move]:
+               plateau_slope: float, secant: tuple[np.ndarray, np.ndarray] | None = None,
+               gap: tuple[np.ndarray, np.ndarray] | None = None) -> list[_Move]:
     """Moves of the smoothed curve (see module docstring). A grid point moves if its slope is significant,
     |μ'| > z·sd, or (given ``secant`` = :func:`secant_changes`) the change across the window around it is,
-    |D| > z·sd(D) and |D| ≥ ``min_rel_change`` × range; the direction is the slope's, else D's."""
+    |D| > z·sd(D) and |D| ≥ ``min_rel_change`` × range; the direction is the slope's, else D's. Given ``gap`` =
+    :func:`gap_changes`, grid points in a gap between two checkpoints across which the change is significant (same
+    test) and that no other move covers are a move too, in the direction of that change."""
     a = np.abs(slope)
     thr = min_rel_change * float(np.ptp(mu))
     runs = [m for m in _runs(a, a > z * slope_sd, np.sign(slope)) if abs(mu[m.i1] - mu[m.i0]) >= thr]
@@ -119,6 +158,13 @@ def find_moves(mu: np.ndarray, slope: np.ndarray, slope_sd: np.ndarray, *, z: fl
         extra = [m for m in _runs(a, (np.abs(d) > z * dsd) & (np.abs(d) >= thr), np.sign(d))
                  if not taken[m.i0: m.i1 + 1].any() and abs(mu[m.i1] - mu[m.i0]) >= thr]
         runs = sorted(runs + extra, key=lambda m: m.i0)
+    if gap is not None:  # changes between two checkpoints, where no move is: only the points no move covers
+        d, dsd = gap
+        taken = np.zeros(len(a), bool)
+        for m in runs:
+            taken[m.i0: m.i1 + 1] = True
+        sig = (np.abs(d) > z * dsd) & (np.abs(d) >= thr) & ~taken
+        runs = sorted(runs + _runs(a, sig, np.sign(d)), key=lambda m: m.i0)
     merged: list[_Move] = []
     for m in runs:  # same-sign runs with no slowdown between them are one move
         if merged and merged[-1].sign == m.sign:
@@ -210,19 +256,16 @@ def unsupported_stages(edges: list[float], signs: list[float], x: np.ndarray, y:
     return out
 
 
-def segment(gp: GP, grid_x: np.ndarray, grid_steps: np.ndarray, x: np.ndarray, *, z: float, min_rel_change: float,
-            plateau_slope: float, level: float, min_points: int, min_length: float, num_samples: int,
-            seed: int, secant_window: bool = True) -> tuple[list[Boundary], list[_Move]]:
-    """Boundaries (with intervals and existence probabilities ≥ ``level``) and the moves between them."""
+def _prune(gp: GP, grid_x: np.ndarray, x: np.ndarray, moves: list[_Move], *, z: float, min_rel_change: float,
+           plateau_slope: float, level: float, min_points: int, min_length: float, num_samples: int,
+           rng: np.random.Generator) -> tuple[list[_Move], np.ndarray, list[int]]:
+    """Remove boundaries between ``moves`` (module docstring) until every remaining one is supported; returns the
+    moves, the boundaries' existence probabilities and their grid indices."""
     mu, _, slope, slope_sd = gp.predict(grid_x)
     a = np.abs(slope)
     thr = min_rel_change * float(np.ptp(mu))
-    secant = (secant_changes(gp, grid_x, 0.3 * gp.hyperparameters["lengthscale"], x, min_points)
-              if secant_window else None)
-    moves = find_moves(mu, slope, slope_sd, z=z, min_rel_change=min_rel_change, plateau_slope=plateau_slope,
-                       secant=secant)
     span = float(grid_x[-1] - grid_x[0])
-    rng = np.random.default_rng(seed)
+    probs, b = np.array([]), []
     while len(moves) > 1:
         b = [_boundary_index(moves[k], moves[k + 1], a, slope_sd) for k in range(len(moves) - 1)]
         probs = existence_probabilities(gp, grid_x, moves, a, slope_sd, thr=thr, plateau_slope=plateau_slope,
@@ -239,12 +282,66 @@ def segment(gp: GP, grid_x: np.ndarray, grid_steps: np.ndarray, x: np.ndarray, *
         if probs.min() >= level:
             break
         moves = _merge(moves, int(np.argmin(probs)), mu)
+    return moves, (probs if len(moves) > 1 else np.array([])), (b if len(moves) > 1 else [])
+
+
+def _moves(gp: GP, grid_x: np.ndarray, x: np.ndarray, *, z: float, min_rel_change: float, plateau_slope: float,
+           min_points: int, secant_window: bool, gap_moves: bool) -> list[_Move]:
+    mu, _, slope, slope_sd = gp.predict(grid_x)
+    secant = (secant_changes(gp, grid_x, 0.3 * gp.hyperparameters["lengthscale"], x, min_points)
+              if secant_window else None)
+    return find_moves(mu, slope, slope_sd, z=z, min_rel_change=min_rel_change, plateau_slope=plateau_slope,
+                      secant=secant,
+                      gap=gap_changes(x, gp.y_data, gp.noise_var(), grid_x, min_points, gp) if gap_moves else None)
+
+
+def replicate_support(moves: list[_Move], replicate_bounds: list[list[int]]) -> np.ndarray:
+    """Per boundary between moves k and k+1, the fraction of replicates with a boundary (grid index) strictly
+    between the two moves' slope peaks: the stretch where a boundary separating those two moves can lie."""
+    out = []
+    for k in range(len(moves) - 1):
+        lo, hi = moves[k].peak, moves[k + 1].peak
+        out.append(float(np.mean([any(lo < i < hi for i in rb) for rb in replicate_bounds])))
+    return np.array(out)
+
+
+def segment(gp: GP, grid_x: np.ndarray, grid_steps: np.ndarray, x: np.ndarray, *, z: float, min_rel_change: float,
+            plateau_slope: float, level: float, min_points: int, min_length: float, num_samples: int,
+            seed: int, secant_window: bool = True, gap_moves: bool = True, replicates: int = 0,
+            replicate_level: float = 0.0) -> tuple[list[Boundary], list[_Move]]:
+    """Boundaries (with intervals and existence probabilities ≥ ``level``) and the moves between them.
+
+    ``replicates`` > 0: the segmentation is repeated on that many posterior-predictive replicates of the data
+    (:meth:`GP.sample_replicates`, hyperparameters held fixed) — curves a repeat of the run could have given — and
+    each boundary reports its ``replicate_support``, the fraction of replicates that find a boundary between the
+    same two moves (:func:`replicate_support`). Boundaries with support below ``replicate_level`` are removed, least
+    supported first, the rest re-pruned after each removal (0: none is removed for its support)."""
+    mkw = dict(z=z, min_rel_change=min_rel_change, plateau_slope=plateau_slope, min_points=min_points,
+               secant_window=secant_window, gap_moves=gap_moves)
+    pkw = dict(z=z, min_rel_change=min_rel_change, plateau_slope=plateau_slope, level=level, min_points=min_points,
+               min_length=min_length)
+    rng = np.random.default_rng(seed)
+    moves, probs, _ = _prune(gp, grid_x, x, _moves(gp, grid_x, x, **mkw), num_samples=num_samples, rng=rng, **pkw)
+    mu, _, slope, slope_sd = gp.predict(grid_x)
+    support = np.full(max(len(moves) - 1, 0), np.nan)
+    if replicates and len(moves) > 1:
+        rep = []
+        for y_rep in gp.sample_replicates(replicates, rng):
+            g = gp.conditioned_on(y_rep)
+            rep.append(_prune(g, grid_x, x, _moves(g, grid_x, x, **mkw), num_samples=max(200, num_samples // 4),
+                              rng=rng, **pkw)[2])
+        support = replicate_support(moves, rep)
+        while len(moves) > 1 and support.min() < replicate_level:
+            moves = _merge(moves, int(np.argmin(support)), mu)
+            moves, probs, _ = _prune(gp, grid_x, x, moves, num_samples=num_samples, rng=rng, **pkw)
+            support = replicate_support(moves, rep) if len(moves) > 1 else support[:0]
     if len(moves) < 2:
         return [], moves
+    a = np.abs(slope)
     out = []
     for k in range(len(moves) - 1):
         bi = _boundary_index(moves[k], moves[k + 1], a, slope_sd)
         lo, hi = _interval(moves[k], moves[k + 1], bi, a, slope_sd, z)
         out.append(Boundary(float(grid_steps[bi]), (float(grid_steps[lo]), float(grid_steps[hi])), float(probs[k]),
-                            moves[k].sign == moves[k + 1].sign))
+                            moves[k].sign == moves[k + 1].sign, float(support[k])))
     return out, moves
