@@ -13,7 +13,6 @@ covariance with the minibatch loss, with the SE of that covariance from the spre
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +23,12 @@ from torch import nn
 from torch.func import vmap
 
 from slt_tools.sampling.functional import FlatParams, make_loss
-from slt_tools.sampling.result import ObservableStats
-from slt_tools.sampling.streaming import CrossMoments, Moments, merge
+from slt_tools.sampling.result import (
+    ObservableStats,
+    chain_list,
+    stats_from_chains,
+)
+from slt_tools.sampling.streaming import CrossMoments, Moments
 
 #: φ(model) → tensor (any shape; flattened to K values)
 ObservableFn = Callable[[Any], torch.Tensor]
@@ -114,75 +117,9 @@ class ObservableHook:
             self.acc[name].add(v, partner)
 
 
-def _chain_list(m: Moments) -> list[Moments]:
-    def pick(t: torch.Tensor | None, c: int) -> torch.Tensor | None:
-        return None if t is None else t[c:c + 1]
-
-    return [Moments(m.n, m.mean_x[c:c + 1], pick(m.mean_y, c), m.m_xx[c:c + 1], pick(m.m_yy, c), pick(m.m_xy, c))
-            for c in range(m.mean_x.shape[0])]
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().double().cpu().numpy()
-
-
-def _sem(per_chain: np.ndarray) -> np.ndarray:
-    c = per_chain.shape[0]
-    return per_chain.std(axis=0, ddof=1) / math.sqrt(c) if c > 1 else np.full(per_chain.shape[1:], np.nan)
-
-
-def stats_from_chains(name: str, shape: Sequence[int], chains: Sequence[Moments],
-                      draws: np.ndarray | None = None) -> ObservableStats:
-    """Summarise single-chain moments (one leading axis of size 1 each) into an :class:`ObservableStats`."""
-    pooled = chains[0]
-    for c in chains[1:]:
-        pooled = merge(pooled, c)
-    means = np.concatenate([_np(c.mean_x) for c in chains])
-    covs = np.concatenate([_np(c.cov_xy()[..., 0]) for c in chains])
-    return ObservableStats(name, list(shape), int(pooled.n // len(chains)), means, _np(pooled.mean_x[0]),
-                           _sem(means), _np(pooled.var_x()[0]), covs, _np(pooled.cov_xy()[0, :, 0]), _sem(covs),
-                           draws, var_per_chain=np.concatenate([_np(c.var_x()) for c in chains]),
-                           partner_mean_per_chain=np.concatenate([_np(c.mean_y[:, 0]) for c in chains]),
-                           partner_var_per_chain=np.concatenate([_np(c.var_y()[:, 0]) for c in chains]))
-
-
-def moments_of(stats: ObservableStats) -> list[Moments]:
-    """The single-chain moments behind an :class:`ObservableStats` (exact inverse of :func:`stats_from_chains` up to
-    float64 rounding): M = (n − 1)·variance, M_xy = (n − 1)·covariance."""
-    if stats.var_per_chain is None or stats.partner_mean_per_chain is None or stats.partner_var_per_chain is None:
-        raise ValueError(f"observable {stats.name!r} has no per-chain variances (saved by an older version): "
-                         "its statistics cannot be merged")
-    n, f = stats.num_draws, stats.num_draws - 1
-    t = (lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64)))  # noqa: E731
-    return [Moments(n, t(stats.mean_per_chain[c])[None], t(stats.partner_mean_per_chain[c:c + 1])[None],
-                    t(stats.var_per_chain[c])[None] * f, t(stats.partner_var_per_chain[c:c + 1])[None] * f,
-                    t(stats.cov_with_loss_per_chain[c])[None, :, None] * f)
-            for c in range(stats.mean_per_chain.shape[0])]
-
-
-def combine_observables(parts: Sequence[Mapping[str, ObservableStats]], order: Sequence[int]
-                        ) -> dict[str, ObservableStats]:
-    """Merge the observables of disjoint chain blocks of one run: the blocks' chains concatenated, reordered by
-    ``order`` (positions into that concatenation, e.g. by chain id), and pooled by Chan's merge."""
-    names = list(parts[0])
-    if any(list(p) != names for p in parts):
-        raise ValueError(f"cannot combine results with different observables: {[list(p) for p in parts]}")
-    out = {}
-    for name in names:
-        stats = [p[name] for p in parts]
-        if len({s.num_draws for s in stats}) != 1 or len({tuple(s.shape) for s in stats}) != 1:
-            raise ValueError(f"observable {name!r}: the parts have different numbers of draws or shapes")
-        chains = [c for s in stats for c in moments_of(s)]
-        draws = None
-        if all(s.draws is not None for s in stats):
-            draws = np.concatenate([s.draws for s in stats])[list(order)]  # type: ignore[misc]
-        out[name] = stats_from_chains(name, stats[0].shape, [chains[i] for i in order], draws)
-    return out
-
-
 def chains_of(acc: CrossMoments, rows: Sequence[int] | None = None) -> tuple[list[Moments], np.ndarray | None]:
     """The single-chain moments of an accumulator (rows ``rows`` only, default all) and their kept draws."""
-    chains = _chain_list(acc.result())
+    chains = chain_list(acc.result())
     rows = list(range(len(chains))) if rows is None else list(rows)
     draws = np.concatenate(acc.draws_x, axis=1)[rows] if acc.keep_draws else None
     return [chains[r] for r in rows], draws

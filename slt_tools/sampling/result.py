@@ -21,8 +21,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
 from slt_tools.sampling.diagnostics import summarize_chains
+from slt_tools.sampling.streaming import Moments, merge
 
 
 # --------------------------------------------------------------------------------------------------- warnings/errors
@@ -324,6 +326,75 @@ class ObservableStats:
         return cls(**{k: (np.array(v, dtype=float) if k in arrays and v is not None else v) for k, v in d.items()})
 
 
+# ---- observable statistics: single-chain moments <-> ObservableStats, and the exact merge of chain blocks
+
+def chain_list(m: Moments) -> list[Moments]:
+    """Split batched moments (leading axis = chains) into one single-chain :class:`Moments` per chain."""
+    def pick(t: torch.Tensor | None, c: int) -> torch.Tensor | None:
+        return None if t is None else t[c:c + 1]
+
+    return [Moments(m.n, m.mean_x[c:c + 1], pick(m.mean_y, c), m.m_xx[c:c + 1], pick(m.m_yy, c), pick(m.m_xy, c))
+            for c in range(m.mean_x.shape[0])]
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().cpu().numpy()
+
+
+def _sem(per_chain: np.ndarray) -> np.ndarray:
+    c = per_chain.shape[0]
+    return per_chain.std(axis=0, ddof=1) / math.sqrt(c) if c > 1 else np.full(per_chain.shape[1:], np.nan)
+
+
+def stats_from_chains(name: str, shape: Sequence[int], chains: Sequence[Moments],
+                      draws: np.ndarray | None = None) -> ObservableStats:
+    """Summarise single-chain moments (one leading axis of size 1 each) into an :class:`ObservableStats`."""
+    pooled = chains[0]
+    for c in chains[1:]:
+        pooled = merge(pooled, c)
+    means = np.concatenate([_np(c.mean_x) for c in chains])
+    covs = np.concatenate([_np(c.cov_xy()[..., 0]) for c in chains])
+    return ObservableStats(name, list(shape), int(pooled.n // len(chains)), means, _np(pooled.mean_x[0]),
+                           _sem(means), _np(pooled.var_x()[0]), covs, _np(pooled.cov_xy()[0, :, 0]), _sem(covs),
+                           draws, var_per_chain=np.concatenate([_np(c.var_x()) for c in chains]),
+                           partner_mean_per_chain=np.concatenate([_np(c.mean_y[:, 0]) for c in chains]),
+                           partner_var_per_chain=np.concatenate([_np(c.var_y()[:, 0]) for c in chains]))
+
+
+def moments_of(stats: ObservableStats) -> list[Moments]:
+    """The single-chain moments behind an :class:`ObservableStats` (exact inverse of :func:`stats_from_chains` up to
+    float64 rounding): M = (n − 1)·variance, M_xy = (n − 1)·covariance."""
+    if stats.var_per_chain is None or stats.partner_mean_per_chain is None or stats.partner_var_per_chain is None:
+        raise ValueError(f"observable {stats.name!r} has no per-chain variances (saved by an older version): "
+                         "its statistics cannot be merged")
+    n, f = stats.num_draws, stats.num_draws - 1
+    t = (lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64)))  # noqa: E731
+    return [Moments(n, t(stats.mean_per_chain[c])[None], t(stats.partner_mean_per_chain[c:c + 1])[None],
+                    t(stats.var_per_chain[c])[None] * f, t(stats.partner_var_per_chain[c:c + 1])[None] * f,
+                    t(stats.cov_with_loss_per_chain[c])[None, :, None] * f)
+            for c in range(stats.mean_per_chain.shape[0])]
+
+
+def combine_observables(parts: Sequence[Mapping[str, ObservableStats]], order: Sequence[int]
+                        ) -> dict[str, ObservableStats]:
+    """Merge the observables of disjoint chain blocks of one run: the blocks' chains concatenated, reordered by
+    ``order`` (positions into that concatenation, e.g. by chain id), and pooled by Chan's merge."""
+    names = list(parts[0])
+    if any(list(p) != names for p in parts):
+        raise ValueError(f"cannot combine results with different observables: {[list(p) for p in parts]}")
+    out = {}
+    for name in names:
+        stats = [p[name] for p in parts]
+        if len({s.num_draws for s in stats}) != 1 or len({tuple(s.shape) for s in stats}) != 1:
+            raise ValueError(f"observable {name!r}: the parts have different numbers of draws or shapes")
+        chains = [c for s in stats for c in moments_of(s)]
+        draws = None
+        if all(s.draws is not None for s in stats):
+            draws = np.concatenate([s.draws for s in stats])[list(order)]  # type: ignore[misc]
+        out[name] = stats_from_chains(name, stats[0].shape, [chains[i] for i in order], draws)
+    return out
+
+
 @dataclass
 class LLCResult:
     """An LLC estimate: per-chain values, traces, hyperparameters and diagnostics.
@@ -501,7 +572,6 @@ def combine_results(parts: Sequence[LLCResult], on_divergence: str = "raise", wa
     result = summarize(trace, parts[0].init_loss, {**hp, "num_chains": len(ids)}, ids, mala, on_divergence, extra,
                        warn=warn)
     if any(p.observables for p in parts):
-        from slt_tools.sampling.observables import combine_observables
 
         result.observables = combine_observables([p.observables for p in parts], order)
     return result
