@@ -60,7 +60,6 @@ from slt_tools.sampling.observables import (
     ObservableFn,
     ObservableHook,
     chains_of,
-    stats_from_chains,
 )
 from slt_tools.sampling.observables import prepare as prepare_observables
 from slt_tools.sampling.refined_heads import HeadFactoring, factored_lift, head_factoring
@@ -70,6 +69,7 @@ from slt_tools.sampling.result import (
     LLCResult,
     LLCWarning,
     ObservableStats,
+    stats_from_chains,
     summarize,
 )
 from slt_tools.sampling.samplers import Sampler
