@@ -81,8 +81,14 @@ def test_degenerate_point_is_flagged_not_answered():
     with torch.no_grad():
         y = model(x)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=500, shuffle=True)
+    # budget_steps: too small for the full underdamped-Langevin run (14 151 steps), so the SGLD estimate stays flagged
+    # (with the default 30 000, since runs are continued rather than re-run, ULD answers it: 6.31, docs/calibration.md)
+    # max_extensions=2: the probe's disagreement is checked at the length the driver used to stop at; with the 4
+    # continued extensions of today's default the probe (4.9) came within noise of the main chains, both far below
+    # 6.5, and the flag came from the trace checks instead (measured 2026-12-03)
     with pytest.warns(RuntimeWarning, match="did not converge"):
-        res = slt.estimate_llc(model, loader, mse, num_chains=4, num_draws=300, seed=0)
+        res = slt.estimate_llc(model, loader, mse, num_chains=4, num_draws=300, seed=0, budget_steps=20_000,
+                               max_extensions=2)
     assert not res.diagnostics["converged"]
     probe = res.diagnostics["overdispersed_probe"]  # run only once the trace checks pass (here they never do)
     assert probe is None or (not probe["agrees"] and probe["llc_mean"] > res.llc_mean)  # outside chains stay above

@@ -11,6 +11,10 @@ user who does not want to hand-tune needs (docs/calibration.md):
    ε·steps), and chains from an overdispersed start w* + N(0, s²γ⁻¹I) (s = :data:`PROBE_SPREAD`) must meet the
    chains from w* (Gelman & Rubin 1992). Failing, the run is doubled up to ``max_extensions`` times; still failing,
    the result says ``diagnostics.converged = False`` with a :class:`NotConvergedWarning`.
+4. **Cost.** The probe chains run as extra rows of the main run's batch (no sequential steps of their own), and a
+   doubled run continues the chains of the run before (:class:`_Chains`: only the steps it adds are run), so
+   without a γ raise or ε step-down the driver spends calibration + the final run's own steps. (With observables
+   or explicit ``chain_ids`` runs are separate, as before: the probe is then a run of its own.)
 
 Calibration and checks are on by default for self-calibrated runs and off for hand-set ones; ``max_extensions`` /
 ``convergence_probe`` given explicitly apply to hand-set runs too.
@@ -31,7 +35,7 @@ from tqdm.auto import tqdm
 
 from slt_tools.sampling.calibration import calibrate
 from slt_tools.sampling.config import LLCConfig, relaxation_steps
-from slt_tools.sampling.estimate import LLCProblem, model_mode, sample
+from slt_tools.sampling.estimate import LLCProblem, model_mode, overdispersed_starts, run_raw, sample
 from slt_tools.sampling.functional import LossFn
 from slt_tools.sampling.observables import Observable, ObservableFn
 from slt_tools.sampling.observables import prepare as prepare_observables
@@ -44,6 +48,7 @@ from slt_tools.sampling.result import (
     NotConvergedWarning,
     ProbeRecord,
     StepSizeWarning,
+    summarize,
 )
 
 #: scale of the convergence probe's overdispersed start, in units of the localising Gaussian's std γ^{-1/2}.
@@ -61,17 +66,34 @@ def overdispersed_probe(problem: LLCProblem, main: LLCResult, config: LLCConfig)
     (within 10 %, or 3 standard errors with the main chains' spread as the noise model) is evidence both reached the
     posterior; disagreement means the run is too short for the slowest directions.
     """
-    k = min(max(2, config.num_chains // 2), 8)
+    k = probe_chains(config)
     probe_config = config.replace(num_chains=k, on_divergence="exclude", chain_chunk_size=None,
                                   init_spread=PROBE_SPREAD)
     try:
-        res = sample(problem, probe_config, chain_ids=[1_000_000 + c for c in range(k)])
+        res = sample(problem, probe_config, chain_ids=[PROBE_CHAIN_OFFSET + c for c in range(k)])
     except LLCDivergenceError as exc:
         return ProbeRecord(num_chains=k, agrees=False, why=f"every overdispersed chain diverged ({exc})")
+    return compare_probe(res, main, k)
+
+
+#: chain ids of the probe chains start here (their noise streams differ from the main chains')
+PROBE_CHAIN_OFFSET = 1_000_000
+
+
+def probe_chains(config: LLCConfig) -> int:
+    """Number of overdispersed probe chains: min(max(2, C/2), 8)."""
+    return min(max(2, config.num_chains // 2), 8)
+
+
+def compare_probe(res: LLCResult, main: LLCResult, k: int) -> ProbeRecord:
+    """The probe chains' λ̂ against the main chains': agreement within 10 %, or 3 standard errors with the main
+    chains' spread as the noise model (under "both have converged" the probe chains are draws like the main chains;
+    a probe of 2-4 chains cannot estimate its own spread reliably)."""
     gap = res.llc_mean - main.llc_mean
-    # under "both have converged" the probe chains are draws like the main chains: the main chains' spread is the
-    # noise model (a probe of 2-4 chains cannot estimate its own spread reliably)
     kept = int(np.isfinite(res.llc_per_chain).sum())
+    if kept == 0:
+        return ProbeRecord(num_chains=k, agrees=False, why="every overdispersed chain diverged",
+                           num_diverged=res.diagnostics.num_diverged)
     spread = main.llc_std if math.isfinite(main.llc_std) else 0.0
     tol = max(0.1 * abs(main.llc_mean), 3 * spread * math.sqrt(1 / max(kept, 1) + 1 / len(main.llc_per_chain)))
     agrees = bool(math.isfinite(gap) and abs(gap) <= tol)
@@ -160,6 +182,8 @@ class _Checks:
     cut_short: str | None = None
     calibrated_gamma: float = 1.0
     probed_last: bool = False
+    #: the chains of the current run (:class:`_Chains`), when the driver continues runs and batches the probe
+    chains: _Chains | None = None
 
     def settled(self, result: LLCResult, problem: LLCProblem, config: LLCConfig) -> bool:
         """Stationary, not moved by the longer run, and (if enabled) met by the overdispersed probe — run only when the
@@ -170,6 +194,8 @@ class _Checks:
             gap = abs(result.llc_mean - self.previous[0])
             ok = ok and gap <= max(0.1 * abs(result.llc_mean), 3 * math.hypot(result.llc_sem, self.previous[1]))
         self.probed_last = False
+        if self.chains is not None:  # the probe ran in the same batch: its record is already there
+            return ok and bool(self.probes) and self.probes[-1].agrees
         if config.probe_enabled and ok:  # a run already failing is extended anyway: its probe would be wasted
             if not self.probe(problem, result, config):
                 return False
@@ -177,8 +203,11 @@ class _Checks:
         return ok
 
     def fits(self, config: LLCConfig) -> bool:
-        """Whether a run with ``config`` and its probe fit the budget left."""
-        return self.budget.allows(2 * _run_steps(config))
+        """Whether a run with ``config`` and its probe fit the budget left: the steps it adds to the current chains
+        when it continues them (same ε and γ), and the probe's only when it is not run in the same batch."""
+        if self.chains is None:
+            return self.budget.allows(2 * _run_steps(config))
+        return self.budget.allows(_run_steps(config) - self.chains.continues(config))
 
     def probe(self, problem: LLCProblem, result: LLCResult, config: LLCConfig, for_the_record: bool = False) -> bool:
         """Run the overdispersed probe on ``result`` if the budget holds it (False, and — unless it is only
@@ -195,6 +224,101 @@ class _Checks:
         self.status.advance(steps)
         self.probed_last = True
         return True
+
+
+@dataclass
+class _Chains:
+    """The current run's chains (main rows first, then the overdispersed probe rows, one batch): their state after
+    ``steps_done`` steps at (ε, γ), and the wall time those steps took. A longer run with the same ε and γ continues
+    them: its draws are the last ``num_draws`` steps of one chain of ``num_burnin_steps + num_draws`` steps, exactly
+    the run from scratch, at the cost of the steps not yet done."""
+
+    num_main: int
+    num_probe: int
+    lr: float | None = None
+    localization: float | None = None
+    final: torch.Tensor | None = None
+    steps_done: int = 0
+    wall_s: float = 0.0
+    segments: list[dict[str, Any]] = field(default_factory=list)
+
+    def continues(self, config: LLCConfig) -> int:
+        """Steps of a run with ``config`` already done by these chains (0: it must start afresh)."""
+        same = self.final is not None and config.lr == self.lr and config.localization == self.localization
+        return self.steps_done if same and config.num_burnin_steps >= self.steps_done else 0
+
+    def ids(self) -> list[int]:
+        return list(range(self.num_main)) + [PROBE_CHAIN_OFFSET + c for c in range(self.num_probe)]
+
+
+def _run_segment(problem: LLCProblem, config: LLCConfig, chains: _Chains, progress: bool
+                 ) -> tuple[LLCResult, LLCResult | None, float]:
+    """Run ``config``'s run by continuing ``chains`` (or from scratch: main chains at w*, probe chains at their
+    overdispersed starts); the main chains' result (divergence policy ``config.on_divergence``) carries the run's
+    equivalent settings, the probe's (or None if every probe chain diverged); and the segment's wall time."""
+    done = chains.continues(config)
+    ids = chains.ids()
+    if done:
+        start = chains.final
+    else:
+        probe_ids = ids[chains.num_main:]
+        over = overdispersed_starts(problem, config.replace(init_spread=PROBE_SPREAD), probe_ids)
+        start = torch.cat([problem.theta0.expand(chains.num_main, problem.theta0.numel()), over])
+    seed = config.seed + 104_729 * (len(chains.segments) + 1) if done else config.seed  # fresh noise per segment
+    seg = config.replace(num_burnin_steps=config.num_burnin_steps - done, seed=seed, init_spread=0.0,
+                         num_chains=len(ids), on_divergence="exclude", chain_chunk_size=None)
+    raw = run_raw(problem, seg, ids, start=start, progress=progress)
+    steps = _run_steps(seg)
+    if not done:
+        chains.steps_done, chains.wall_s, chains.segments = 0, 0.0, []
+    chains.lr, chains.localization, chains.final = config.lr, config.localization, raw.final_theta
+    chains.steps_done += steps
+    chains.wall_s += raw.extra["wall_time_s"]
+    chains.segments.append({"num_burnin_steps": seg.num_burnin_steps, "num_draws": seg.num_draws, "seed": seed,
+                            "steps": steps, "wall_s": raw.extra["wall_time_s"], "continued": bool(done)})
+    hp = {**raw.hyperparameters, "num_chains": chains.num_main, "num_burnin_steps": config.num_burnin_steps,
+          "seed": config.seed, "init_spread": config.init_spread}
+    extra = {**raw.extra, "run_wall_s": chains.wall_s, "segments": list(chains.segments)}
+    m = chains.num_main
+    mala = raw.mala
+    main = summarize(raw.loss_trace[:m], problem.init_loss, hp, ids[:m], None if mala is None else mala[:m],
+                     config.on_divergence, extra, warn=False)
+    try:
+        probe = summarize(raw.loss_trace[m:], problem.init_loss, {**hp, "num_chains": chains.num_probe,
+                                                                  "init_spread": PROBE_SPREAD},
+                          ids[m:], None if mala is None else mala[m:], "exclude", None, warn=False)
+    except LLCDivergenceError:
+        probe = None
+    return main, probe, steps
+
+
+def _run_batched(problem: LLCProblem, config: LLCConfig, checks: _Checks, may_step_down: bool, progress: bool
+                 ) -> tuple[LLCResult, LLCConfig]:
+    """:func:`_run_with_step_down` for the batched path: continue the current chains (or start afresh) with the
+    probe chains in the same batch; on divergence of a calibrated ε divide it by 3 and start afresh (≤ 3 times)."""
+    chains = checks.chains
+    assert chains is not None
+    while True:
+        done = chains.continues(config)
+        checks.status.say(f"run: γ={config.localization:g}, ε={config.lr:.3g}, {_run_steps(config)} steps"
+                          + (f" (continuing {done})" if done else ""))
+        try:
+            main, probe, steps = _run_segment(problem, config, chains, bool(progress))
+        except LLCDivergenceError as exc:
+            checks.budget.charge(_run_steps(config) - done)
+            chains.final = None
+            if not may_step_down or len(checks.step_downs) >= 3:
+                raise
+            checks.step_downs.append({"lr": config.lr, "error": str(exc)})
+            config = config.replace(lr=config.lr / 3.0)
+            continue
+        checks.budget.charge(steps, main.diagnostics.wall_time_s)
+        checks.status.advance(steps)
+        k = chains.num_probe
+        checks.probes.append(compare_probe(probe, main, k) if probe is not None else
+                             ProbeRecord(num_chains=k, agrees=False, why="every overdispersed chain diverged"))
+        checks.probed_last = True
+        return main, config
 
 
 def _run_with_step_down(problem: LLCProblem, config: LLCConfig, checks: _Checks, may_step_down: bool,
@@ -257,13 +381,19 @@ def _next_run(config: LLCConfig, result: LLCResult, checks: _Checks, may_raise_g
         return relaxed
     if may_raise_gamma and len(checks.raises) < 3:
         cap = min(MAX_RAISE * checks.calibrated_gamma, float(result.hyperparameters["nbeta"]))
+        left = checks.budget.steps - checks.budget.spent
+
+        def affordable(g: float) -> bool:  # relaxed within half the budget left: room to check and extend it
+            relax_g = relaxation_steps(config.lr, g)
+            return 2 * relax_g <= left and fits(doubled.replace(localization=g,
+                                                                num_burnin_steps=max(burn, relax_g)))
+
         gamma = config.localization * RAISE_FACTOR
-        while not fits(doubled.replace(num_burnin_steps=max(burn, relaxation_steps(config.lr, gamma)))) \
-                and gamma < cap:
+        while not affordable(gamma) and gamma < cap:
             gamma *= RAISE_FACTOR
         raised = doubled.replace(localization=gamma,
                                  num_burnin_steps=max(burn, relaxation_steps(config.lr, gamma)))
-        if gamma <= cap and fits(raised):
+        if gamma <= cap and affordable(gamma):
             checks.raises.append({"from": config.localization, "to": gamma, "llc_at_from": result.llc_mean,
                                   "llc_sem_at_from": result.llc_sem, "relaxation_steps_at_from": relax,
                                   "burnin_at_from": config.num_burnin_steps})
@@ -324,12 +454,17 @@ def _checked_run(problem: LLCProblem, config: LLCConfig, calib: Calibration | No
     pilot = [c for c in calib.candidates if c.lr == calib.lr and c.llc_mean is not None] if calib else []
     checks = _Checks((pilot[-1].llc_mean, pilot[-1].llc_sem or 0.0) if pilot else None, budget, status,
                      calibrated_gamma=float(config.localization))
+    if config.probe_enabled and chain_ids is None and observe is None:  # probe in the batch, runs continued
+        checks.chains = _Chains(config.num_chains, probe_chains(config))
     config = _fit_first_run(config, checks)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         while True:
-            result, config = _run_with_step_down(problem, config, checks, may_step_down, chain_ids, progress,
-                                                 observe)
+            if checks.chains is not None:
+                result, config = _run_batched(problem, config, checks, may_step_down, progress)
+            else:
+                result, config = _run_with_step_down(problem, config, checks, may_step_down, chain_ids, progress,
+                                                     observe)
             settled = checks.settled(result, problem, config) and not checks.cut_short
             if settled or checks.cut_short:
                 break

@@ -50,6 +50,11 @@ def _integer(name: str, v: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be a {kind} integer, got {v!r}")
 
 
+#: extensions of a self-calibrated run (``max_extensions`` None): each continues the run's chains (doubling it costs
+#: only the steps added), so the budget (``budget_steps``), not this count, is what normally stops the driver
+DEFAULT_EXTENSIONS = 4
+
+
 def relaxation_steps(lr: float, localization: float) -> int:
     """SGLD steps the flat directions of the localised posterior need to relax from w*: ⌈4/(εγ)⌉.
 
@@ -200,7 +205,7 @@ class LLCConfig:
 
     @property
     def extensions_allowed(self) -> int:
-        return (2 if self.calibrated else 0) if self.max_extensions is None else self.max_extensions
+        return (DEFAULT_EXTENSIONS if self.calibrated else 0) if self.max_extensions is None else self.max_extensions
 
     @property
     def probe_enabled(self) -> bool:

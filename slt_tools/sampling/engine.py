@@ -36,6 +36,7 @@ class ChainOutput:
     mala_count: int
     steps_run: int
     start_distance: torch.Tensor | None = None  # (C,) ‖w₀ − w*‖ of overdispersed starts
+    final_theta: torch.Tensor | None = None  # (C, D) the chains' state after the last step (to continue them)
 
 
 def overdispersed_start(
@@ -84,6 +85,7 @@ def run_chains(
     fixed_shapes: bool = False,
     noise_seeds: Sequence[int] | None = None,
     on_draw: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    init_theta: torch.Tensor | None = None,
 ) -> ChainOutput:
     """Run the chains ``chain_ids`` from w* = ``theta0`` (shape (D,)) and record the minibatch loss at each draw.
 
@@ -100,15 +102,17 @@ def run_chains(
     ``on_draw(θ, losses)``, if given, is called at every draw with the chains' (C, D) parameters of that draw and
     their (C,) minibatch losses (e.g. :class:`slt_tools.sampling.observables.ObservableHook`: observables on a probe
     set into device-side streaming accumulators). It must not change θ and should not synchronise with the host;
-    without it the loop is unchanged."""
+    without it the loop is unchanged. ``init_theta`` (C, D), if given, is where the chains start instead of w* (e.g.
+    the ``final_theta`` of an earlier run, to continue its chains; ``init_spread`` is then ignored); the localization
+    stays centred at ``theta0``."""
     device, dtype = theta0.device, theta0.dtype
     C, D = len(chain_ids), theta0.shape[-1]
     draw_noise = NoisePool(chain_ids, seed, D, device, dtype, seeds=noise_seeds)
 
-    theta = theta0.expand(C, D).clone()
+    theta = theta0.expand(C, D).clone() if init_theta is None else init_theta.to(device, dtype).clone()
     sampler = make_sampler()
     start_distance = None
-    if init_spread > 0:
+    if init_spread > 0 and init_theta is None:
         direction = draw_noise().clone().mul_(init_spread / sampler.localization ** 0.5)
         theta = overdispersed_start(loss_grad, theta0, next(batches), sampler, direction)
         start_distance = (theta - theta0).norm(dim=1)
@@ -158,4 +162,4 @@ def run_chains(
                     break
     bar.close()
     flush()
-    return ChainOutput(trace, mala_sum, mala_count, t + 1, start_distance)
+    return ChainOutput(trace, mala_sum, mala_count, t + 1, start_distance, theta)

@@ -173,9 +173,10 @@ def _chain_ids(config: LLCConfig, chain_ids: Sequence[int] | None) -> list[int]:
 
 
 def _run_blocks(problem: LLCProblem, config: LLCConfig, hp: dict[str, Any], ids: list[int], progress: bool,
-                make_hook: Callable[[], DrawHook] | None = None) -> tuple[list[ChainOutput], BatchedLossGrad]:
+                make_hook: Callable[[], DrawHook] | None = None, start: torch.Tensor | None = None
+                ) -> tuple[list[ChainOutput], BatchedLossGrad]:
     """All chains, ``chain_chunk_size`` at a time, through one step interface; with ``make_hook`` each block gets
-    its own per-draw hook (the engine's ``on_draw``)."""
+    its own per-draw hook (the engine's ``on_draw``); ``start`` (len(ids), D): the chains' starting points."""
     def make_sampler() -> Sampler:
         return Sampler(config.sampler, hp["lr"], hp["localization"], hp["nbeta"], **config.sampler_kwargs)
 
@@ -187,7 +188,8 @@ def _run_blocks(problem: LLCProblem, config: LLCConfig, hp: dict[str, Any], ids:
         outputs.append(run_chains(loss_grad, problem.theta0, problem.data.stream(data_seed(config.seed)), make_sampler,
                                   ids[i:i + chunk], config.seed, config.num_draws, config.num_burnin_steps,
                                   config.num_steps_bw_draws, config.mala_every, progress=progress,
-                                  init_spread=config.init_spread, fixed_shapes=problem.data.cached, on_draw=hook))
+                                  init_spread=config.init_spread, fixed_shapes=problem.data.cached, on_draw=hook,
+                                  init_theta=None if start is None else start[i:i + chunk]))
     return outputs, loss_grad
 
 
@@ -243,6 +245,60 @@ def sample(problem: LLCProblem, config: LLCConfig, *, chain_ids: Sequence[int] |
         assert observables is not None
         result.observables = summarize_observables(hooks, observables[1])
     return result
+
+
+@dataclass
+class RawRun:
+    """One run's raw output (:func:`run_raw`): losses at the draws (C × draws), MALA acceptance per chain (or None),
+    the chains' final state (C × D, to continue them), the resolved hyperparameters and run facts."""
+
+    loss_trace: Any
+    mala: Any
+    final_theta: torch.Tensor
+    hyperparameters: dict[str, Any]
+    extra: dict[str, Any]
+
+
+def run_raw(problem: LLCProblem, config: LLCConfig, chain_ids: Sequence[int], *, start: torch.Tensor | None = None,
+            progress: bool = False) -> RawRun:
+    """The chains ``chain_ids`` with the fixed settings ``config`` from ``start`` (len(chain_ids) × D; default w*,
+    or ``config.init_spread``'s overdispersed start), unsummarised: the caller splits or continues them (the
+    self-calibrating driver runs its overdispersed probe chains in the same batch and extends runs by continuing
+    their chains, :mod:`slt_tools.sampling.auto`). ``summarize(run.loss_trace[rows], ...)`` gives an
+    :class:`LLCResult` of any subset."""
+    ids = _chain_ids(config, chain_ids)
+    hp = hyperparameters(config, problem, len(ids))
+    t0 = time.perf_counter()
+    outputs, loss_grad = _run_blocks(problem, config, hp, ids, progress, None, start)
+    trace = torch.cat([o.loss_trace for o in outputs]).double().cpu().numpy()
+    final = torch.cat([o.final_theta for o in outputs])
+    report_paths(loss_grad, config)
+    mala = None
+    if outputs[0].mala_count:
+        mala = torch.cat([o.mala_sum / max(o.mala_count, 1) for o in outputs]).double().cpu().numpy()
+    extra = dict(vectorized=loss_grad.vectorized, fallback_reason=loss_grad.fallback_reason,
+                 device=str(problem.device), compiled=loss_grad.compiled, compile_error=loss_grad.compile_error,
+                 wall_time_s=time.perf_counter() - t0, data_cached=problem.data.cached,
+                 steps_run=min(o.steps_run for o in outputs))
+    return RawRun(trace, mala, final, hp, extra)
+
+
+def overdispersed_starts(problem: LLCProblem, config: LLCConfig, chain_ids: Sequence[int]) -> torch.Tensor:
+    """The starting points a run with ``config.init_spread`` > 0 gives chains ``chain_ids``
+    (:func:`slt_tools.sampling.engine.overdispersed_start`, directions from each chain's own noise stream), for
+    :func:`run_raw`'s ``start`` when only some chains of a batch start overdispersed."""
+    from slt_tools.sampling.engine import overdispersed_start
+    from slt_tools.sampling.noise import NoisePool
+
+    ids = _chain_ids(config, chain_ids)
+    hp = hyperparameters(config, problem, len(ids))
+    theta0 = problem.theta0
+    sampler = Sampler(config.sampler, hp["lr"], hp["localization"], hp["nbeta"], **config.sampler_kwargs)
+    pool = NoisePool(ids, config.seed, theta0.shape[-1], theta0.device, theta0.dtype)
+    direction = pool().clone().mul_(config.init_spread / sampler.localization ** 0.5)
+    loss_grad = BatchedLossGrad(problem.loss_at, vectorize=config.vectorize)
+    batch = next(problem.data.stream(data_seed(config.seed)))
+    return overdispersed_start(loss_grad, theta0, batch, sampler, direction)
 
 
 class ModeWarning(RuntimeWarning):
