@@ -65,3 +65,25 @@ def test_driver_pays_only_for_the_steps_it_adds():
     assert sum(s["steps"] for s in segments) == h["num_burnin_steps"] + h["num_draws"]
     assert d.budget["steps_spent"] == d.calibration["sgld_steps"] + h["num_burnin_steps"] + h["num_draws"]
     assert d.overdispersed_probe["agrees"] and d.overdispersed_probe["num_chains"] == 2
+
+
+def test_a_closing_bracket_doubles_the_run_instead_of_raising_gamma():
+    """_bracket_closing: the main chains rising and the probe chains falling towards each other fast enough that one
+    more doubling brings them within 10 % (the main job's final minimum: 58.4/29.6 → 36.2/32.2) → True; a bracket
+    that shrinks too slowly, widens, or crosses → False; without the batched probe's record per run → False."""
+    from slt_tools.sampling.auto import _Budget, _Chains, _Checks, _bracket_closing
+    from slt_tools.sampling.result import ProbeRecord
+
+    def checks(main, probe, batched=True):
+        c = _Checks(None, _Budget(30_000, None), status=None)
+        c.history = list(main)
+        c.probes = [ProbeRecord(llc_mean=p) for p in probe]
+        c.chains = _Chains(4, 2) if batched else None
+        return c
+
+    assert _bracket_closing(checks([29.6, 32.2], [58.4, 36.2]))
+    assert not _bracket_closing(checks([29.6, 30.0], [58.4, 50.0]))  # 28.8 → 20: one doubling leaves ≈ 14 > 3
+    assert not _bracket_closing(checks([29.6, 30.0], [40.0, 45.0]))  # widening
+    assert not _bracket_closing(checks([29.6, 32.2], [35.0, 31.0]))  # crossed: the probe is below the main chains
+    assert not _bracket_closing(checks([32.2], [36.2]))  # one run at this γ: no rate yet
+    assert not _bracket_closing(checks([29.6, 32.2], [58.4, 36.2], batched=False))

@@ -123,6 +123,8 @@ def test_seed_reproducible_and_chains_independent(small_problem):
     merged = combine_results([quiet_llc(model, loader, mse, **{**kw, "chain_ids": [0, 1]}), sub])
     np.testing.assert_allclose(merged.llc_per_chain, a.llc_per_chain, rtol=1e-5)
     assert merged.llc_mean == pytest.approx(a.llc_mean, rel=1e-5)
+    # the Stein step-bias bound is per chain too: the merged blocks give the one-run bound
+    assert merged.diagnostics.step_bias_bound == pytest.approx(a.diagnostics.step_bias_bound, rel=1e-4)
 
 
 def test_model_is_not_modified(small_problem):

@@ -37,6 +37,8 @@ class ChainOutput:
     steps_run: int
     start_distance: torch.Tensor | None = None  # (C,) ‖w₀ − w*‖ of overdispersed starts
     final_theta: torch.Tensor | None = None  # (C, D) the chains' state after the last step (to continue them)
+    drift_sq_sum: torch.Tensor | None = None  # (C,) Σ ‖∇U_B(w)‖² at the MALA points of the draw phase
+    drift_count: int = 0
 
 
 def overdispersed_start(
@@ -131,6 +133,8 @@ def run_chains(
 
     mala_sum = torch.zeros(C, device=device, dtype=dtype)
     mala_count = 0
+    drift_sq_sum = torch.zeros(C, device=device, dtype=dtype)  # Stein's E‖∇U‖² (= E ΔU) for the step-bias bound
+    drift_count = 0
     total = num_burnin_steps + num_draws * num_steps_bw_draws
     bar = tqdm(total=total, desc="SGLD steps", leave=False, disable=not progress)
     hp = sampler.hyperparameters()
@@ -154,6 +158,9 @@ def run_chains(
                                                 sampler.current_preconditioner())
                 mala_sum += torch.nan_to_num(log_a.clamp(max=0.0).exp(), nan=0.0)
                 mala_count += 1
+                if t >= num_burnin_steps:
+                    drift_sq_sum += sampler.drift(theta, theta0, grads).pow(2).sum(dim=1)
+                    drift_count += 1
             theta, sampler.state = new_theta, new_state
             if check_every and t % check_every == check_every - 1:
                 flush()
@@ -162,4 +169,4 @@ def run_chains(
                     break
     bar.close()
     flush()
-    return ChainOutput(trace, mala_sum, mala_count, t + 1, start_distance, theta)
+    return ChainOutput(trace, mala_sum, mala_count, t + 1, start_distance, theta, drift_sq_sum, drift_count)

@@ -240,6 +240,7 @@ def sample(problem: LLCProblem, config: LLCConfig, *, chain_ids: Sequence[int] |
                                  data_cached=problem.data.cached, steps_run=min(o.steps_run for o in outputs))
     if config.init_spread > 0:
         extra["start_distance"] = torch.cat([o.start_distance for o in outputs]).double().cpu().tolist()
+    extra.update(_drift_record(outputs))
     result = summarize(trace, problem.init_loss, hp, ids, mala, config.on_divergence, extra)
     if hooks:
         assert observables is not None
@@ -279,8 +280,16 @@ def run_raw(problem: LLCProblem, config: LLCConfig, chain_ids: Sequence[int], *,
     extra = dict(vectorized=loss_grad.vectorized, fallback_reason=loss_grad.fallback_reason,
                  device=str(problem.device), compiled=loss_grad.compiled, compile_error=loss_grad.compile_error,
                  wall_time_s=time.perf_counter() - t0, data_cached=problem.data.cached,
-                 steps_run=min(o.steps_run for o in outputs))
+                 steps_run=min(o.steps_run for o in outputs), **_drift_record(outputs))
     return RawRun(trace, mala, final, hp, extra)
+
+
+def _drift_record(outputs: Sequence[Any]) -> dict[str, Any]:
+    """``{"mean_sq_drift": [per chain E‖∇U_B‖² over the draw phase's MALA points]}`` (empty without MALA points):
+    the input of :func:`slt_tools.sampling.result.step_bias_bound`."""
+    if not all(o.drift_count for o in outputs):
+        return {}
+    return {"mean_sq_drift": torch.cat([o.drift_sq_sum / o.drift_count for o in outputs]).double().cpu().tolist()}
 
 
 def overdispersed_starts(problem: LLCProblem, config: LLCConfig, chain_ids: Sequence[int]) -> torch.Tensor:
