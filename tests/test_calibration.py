@@ -2,6 +2,7 @@
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from helpers import dln_at, dummy_loader, mse, teacher_loader
@@ -63,6 +64,51 @@ class Repeller(nn.Module):
 def test_all_candidates_failing_is_an_error_not_a_number():
     with pytest.raises(CalibrationError, match="no \\(lr, localization\\) setting passed"):
         _auto(Repeller(), dummy_loader(1000), loss=lambda m, b: m())
+
+
+def _rank_cut_dln():
+    from slt_tools.models import DeepLinearNetwork
+
+    gen = torch.Generator().manual_seed(0)
+    model = DeepLinearNetwork((4, 4, 4, 4))
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.weight.copy_(torch.randn(4, 1, generator=gen) @ torch.randn(1, 4, generator=gen))
+    x = torch.randn(10_000, 4, generator=gen)
+    with torch.no_grad():
+        y = model(x)
+    return model, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=500, shuffle=True)
+
+
+def test_degenerate_point_with_the_default_budget_is_never_a_confident_wrong_answer():
+    """The same rank-cut DLN (λ ≥ 6.5) with every default: the Stein step rule takes ε = 5.1e-7, the chains from w*
+    rise 1.7 → 4.0 over five runs and the probe chains fall to 5.5 — the SGLD checks pass. Its chains covered < 2 % of
+    the flat directions' relaxation time 4/(εγ) while λ̂ rose: the driver must verify with the underdamped-Langevin
+    detector, and with too little budget left for it the estimate is reported not converged."""
+    model, loader = _rank_cut_dln()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = slt.estimate_llc(model, loader, mse, num_chains=4, num_draws=300, seed=0)
+    d = res.diagnostics
+    assert not d.converged or abs(res.llc_mean / 6.5 - 1) < 0.1, (res.llc_mean, d.converged)
+    assert d.converged is False and res.llc_mean < 6.5
+    assert d.extra["flat_directions"]["coverage"] < 0.02
+    assert any(issubclass(w.category, slt.NotConvergedWarning) for w in caught)
+
+
+def test_flat_direction_verification_triggers_only_on_unexplored_rising_runs():
+    from slt_tools.sampling.auto import _flat_unexplored
+    from slt_tools.sampling.result import LLCDiagnostics, LLCResult
+
+    def result(lr, steps, history):
+        hp = {"lr": lr, "localization": 1.0, "num_burnin_steps": steps // 2, "num_draws": steps // 2,
+              "sampler": "sgld"}
+        return LLCResult(history[-1], 0.0, 0.0, np.zeros(2), None, 0.0, hp,
+                         LLCDiagnostics(llc_by_run_length=list(history)), [0, 1])
+
+    assert _flat_unexplored(result(5e-7, 23_000, [1.66, 2.84, 3.94, 3.32, 4.02]))  # the rank-cut DLN above
+    assert not _flat_unexplored(result(1.5e-6, 20_000, [14.1, 14.3, 14.0]))  # healthy DLN at n = 1e5: no rise
+    assert not _flat_unexplored(result(1.2e-4, 15_000, [16.2, 22.0, 25.3, 27.2]))  # transformer: covered 45 %
 
 
 def test_degenerate_point_is_flagged_not_answered():

@@ -627,9 +627,12 @@ def _estimate(model: nn.Module, loader: Any, loss_fn: LossFn, config: LLCConfig,
         result = sample(problem, config, chain_ids=chain_ids, progress=bool(progress), **(observe or {}))
     else:
         result = _driven(problem, config, chain_ids, progress, observe)
+    check = None
+    if config.calibrated and not observe and result.diagnostics.converged and _flat_unexplored(result):
+        check = _verify_flat_directions(model, loader, loss_fn, result, config, device)
     if config.calibrated and result.diagnostics.converged is False and not observe:
         # (with observables the SGLD run's statistics are the result's: no replacement by an ULD run without them)
-        result = _degenerate_fallback(model, loader, loss_fn, result, config, device)
+        result = _degenerate_fallback(model, loader, loss_fn, result, config, device, check)
     if config.step_check:
         used = config.replace(**{k: result.hyperparameters[k] for k in ("lr", "localization", "num_burnin_steps",
                                                                         "num_draws")})
@@ -640,9 +643,76 @@ def _estimate(model: nn.Module, loader: Any, loss_fn: LossFn, config: LLCConfig,
 #: sequential steps of the degeneracy detector's underdamped-Langevin pilot (slt_tools.sampling.degenerate)
 DEGENERACY_PILOT_STEPS = 6000
 
+#: a converged run whose chains covered less than this fraction of the flat directions' relaxation time 4/(εγ) is
+#: verified by the degeneracy detector before it is reported converged (:func:`_verify_flat_directions`)
+FLAT_COVERAGE = 0.02
+
+
+#: ... and whose λ̂ rose by more than this factor from the first run to the last (still relaxing at the end)
+RISE_FACTOR = 1.25
+
+
+def _flat_unexplored(result: LLCResult) -> bool:
+    """Whether the chains ran for less than :data:`FLAT_COVERAGE` of :func:`relaxation_steps` (ε, γ) — directions
+    held by γ alone have then barely moved from w* — while λ̂ rose by more than :data:`RISE_FACTOR` over the runs:
+    then nothing in the SGLD run can say whether λ̂ would go on rising along them. Measured: the reference suite's
+    cases cover 8–30 % and more; the rank-cut DLN (4,4,4,4) covers 0.3–1 % (ε 5e-7 to 1.5e-6) and rose 1.66 → 4.02
+    over five runs, and was reported converged at 4.0 against Aoyagi's λ ≥ 6.5 (chains from w* and the probe
+    chains agreeing within noise: the probe start is not overdispersed along those directions). Healthy DLNs at
+    n = 1e5 cover < 1 % too but do not rise (14.1 → 14.0); there the detector's ULD pilot reads ≈ 10 % high and
+    flagged a right answer, hence the rise condition."""
+    h, history = result.hyperparameters, result.diagnostics.llc_by_run_length or []
+    if h.get("sampler", "sgld") != "sgld" or not h.get("lr") or not h.get("localization"):
+        return False
+    steps = int(h.get("num_burnin_steps", 0)) + int(h["num_draws"]) * int(h.get("num_steps_bw_draws", 1))
+    rose = len(history) >= 2 and history[0] > 0 and history[-1] > RISE_FACTOR * history[0]
+    return rose and steps < FLAT_COVERAGE * relaxation_steps(float(h["lr"]), float(h["localization"]))
+
+
+def _verify_flat_directions(model: nn.Module, loader: Any, loss_fn: LossFn, result: LLCResult, config: LLCConfig,
+                            device: str | torch.device | None) -> Any:
+    """A converged estimate whose flat directions are unexplored (:func:`_flat_unexplored`) is checked by the
+    degeneracy detector's underdamped-Langevin pilot (which moves √(Λ/γ) times faster along them); if it reads
+    clearly higher, or if its pilot does not fit the budget left, the result is marked not converged (the
+    degenerate fallback then decides what to report) with the reason in ``diagnostics.flat_directions``."""
+    from slt_tools.sampling import degenerate
+
+    h, d = result.hyperparameters, result.diagnostics
+    budget = dict(d.budget or {})
+    left = int(budget.get("budget_steps", DEFAULT_BUDGET_STEPS)) - int(budget.get("steps_spent", 0))
+    steps = int(h["num_burnin_steps"]) + int(h["num_draws"])
+    relax = relaxation_steps(float(h["lr"]), float(h["localization"]))
+    record: dict[str, Any] = {"steps_run": steps, "relaxation_steps": relax, "coverage": steps / relax}
+    if left < DEGENERACY_PILOT_STEPS or config.restrict_to is not None or device is not None:
+        record["verdict"] = "unverified: the underdamped-Langevin check did not fit the budget left"
+        d.update(converged=False, flat_directions=record)
+        _warn_flat(result, record)
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        chk = degenerate.degeneracy_check(model, loader, loss_fn, llc_sgld=result.llc_mean,
+                                          llc_sgld_sem=result.llc_sem, localization=float(h["localization"]),
+                                          nbeta=float(h["nbeta"]), seed=config.seed, max_steps=DEGENERACY_PILOT_STEPS)
+    record.update(check=chk.to_dict(), verdict="degenerate" if chk.degenerate else "verified")
+    budget["steps_spent"] = int(budget.get("steps_spent", 0)) + chk.uld_steps
+    d.update(flat_directions=record, budget=budget)
+    if chk.degenerate:
+        d.update(converged=False)
+        _warn_flat(result, record)
+    return chk
+
+
+def _warn_flat(result: LLCResult, record: dict[str, Any]) -> None:
+    warnings.warn(f"LLC estimate λ̂ = {result.llc_mean:.4g} passed the SGLD checks, but its chains ran "
+                  f"{record['steps_run']} steps, {100 * record['coverage']:.2g} % of the {record['relaxation_steps']} "
+                  f"the flat directions need to relax (4/(εγ)), and the underdamped-Langevin check "
+                  + ("reads clearly higher" if record["verdict"] == "degenerate" else "did not fit the budget left")
+                  + ": not a trustworthy answer (highly degenerate points look like this; raise budget_steps)",
+                  NotConvergedWarning, stacklevel=4)
+
 
 def _degenerate_fallback(model: nn.Module, loader: Any, loss_fn: LossFn, result: LLCResult, config: LLCConfig,
-                         device: str | torch.device | None) -> LLCResult:
+                         device: str | torch.device | None, check: Any = None) -> LLCResult:
     """After an unconverged self-calibrated estimate: is the point degenerate, and can ULD answer it in budget?
 
     :func:`slt_tools.sampling.degenerate.degeneracy_check` runs a short underdamped-Langevin pilot at the same
@@ -655,16 +725,20 @@ def _degenerate_fallback(model: nn.Module, loader: Any, loss_fn: LossFn, result:
 
     h, budget = result.hyperparameters, dict(result.diagnostics.budget or {})
     left = int(budget.get("budget_steps", DEFAULT_BUDGET_STEPS)) - int(budget.get("steps_spent", 0))
-    if left < DEGENERACY_PILOT_STEPS or config.restrict_to is not None or device is not None:
-        return result
     gamma, nbeta = float(h["localization"]), float(h["nbeta"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        chk = degenerate.degeneracy_check(model, loader, loss_fn, llc_sgld=result.llc_mean,
-                                          llc_sgld_sem=result.llc_sem, localization=gamma, nbeta=nbeta,
-                                          seed=config.seed, max_steps=DEGENERACY_PILOT_STEPS)
+    if check is not None:  # the flat-direction verification already ran the detector (and charged its steps)
+        chk = check
+    else:
+        if left < DEGENERACY_PILOT_STEPS or config.restrict_to is not None or device is not None:
+            return result
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            chk = degenerate.degeneracy_check(model, loader, loss_fn, llc_sgld=result.llc_mean,
+                                              llc_sgld_sem=result.llc_sem, localization=gamma, nbeta=nbeta,
+                                              seed=config.seed, max_steps=DEGENERACY_PILOT_STEPS)
+        left -= chk.uld_steps
     record = chk.to_dict()
-    left -= chk.uld_steps
+    spent = int(budget.get("steps_spent", 0)) + (0 if check is not None else chk.uld_steps)  # incl. the ULD pilot
     if not chk.degenerate:
         result.diagnostics.update(degeneracy=record)
         return result
@@ -676,7 +750,7 @@ def _degenerate_fallback(model: nn.Module, loader: Any, loss_fn: LossFn, result:
         warnings.warn(f"the point looks degenerate: a short underdamped-Langevin run reads λ̂ = {chk.llc_uld:.4g} "
                       f"against SGLD's {result.llc_mean:.4g} (gap {100 * chk.gap:.0f} %, z = {chk.z:.1f}); the full "
                       f"ULD estimate needs {need} steps, {left} are left: rerun with budget_steps ≥ "
-                      f"{int(budget.get('steps_spent', 0)) + chk.uld_steps + need} or call "
+                      f"{spent + need} or call "
                       "slt_tools.sampling.estimate_llc_degenerate", DegeneracyWarning, stacklevel=3)
         return result
     with warnings.catch_warnings():
@@ -686,7 +760,7 @@ def _degenerate_fallback(model: nn.Module, loader: Any, loss_fn: LossFn, result:
     record.update(sgld_llc=result.llc_mean, sgld_llc_sem=result.llc_sem)
     uld.diagnostics.update(degeneracy=record, converged=bool(uld.diagnostics.stationary),
                            calibration=result.diagnostics.calibration,
-                           budget={**budget, "steps_spent": int(budget.get("steps_spent", 0)) + chk.uld_steps + need})
+                           budget={**budget, "steps_spent": spent + need})
     warnings.warn(f"the point looks degenerate (SGLD {result.llc_mean:.4g} did not converge; a short underdamped-"
                   f"Langevin run read {chk.llc_uld:.4g}): reporting the underdamped-Langevin estimate λ̂ = "
                   f"{uld.llc_mean:.4g} ± {uld.llc_sem:.2g} ({need} steps; converged: "
