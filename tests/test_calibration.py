@@ -116,17 +116,7 @@ def test_degenerate_point_is_flagged_not_answered():
     directions relax far slower than any affordable run, so chains from w* underestimate it. The overdispersed probe
     (chains started away from w*) must disagree when it runs, and the estimate must be reported as not converged, with a
     warning."""
-    from slt_tools.models import DeepLinearNetwork
-
-    gen = torch.Generator().manual_seed(0)
-    model = DeepLinearNetwork((4, 4, 4, 4))
-    with torch.no_grad():
-        for layer in model.layers:
-            layer.weight.copy_(torch.randn(4, 1, generator=gen) @ torch.randn(1, 4, generator=gen))
-    x = torch.randn(10_000, 4, generator=gen)
-    with torch.no_grad():
-        y = model(x)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=500, shuffle=True)
+    model, loader = _rank_cut_dln()
     # budget_steps: too small for the full underdamped-Langevin run (14 151 steps), so the SGLD estimate stays flagged
     # (with the default 30 000, since runs are continued rather than re-run, ULD answers it: 6.31, docs/calibration.md)
     # max_extensions=2: the probe's disagreement is checked at the length the driver used to stop at; with the 4
