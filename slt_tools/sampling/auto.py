@@ -669,34 +669,51 @@ def _flat_unexplored(result: LLCResult) -> bool:
     return rose and steps < FLAT_COVERAGE * relaxation_steps(float(h["lr"]), float(h["localization"]))
 
 
-def _verify_flat_directions(model: nn.Module, loader: Any, loss_fn: LossFn, result: LLCResult, config: LLCConfig,
-                            device: str | torch.device | None) -> Any:
-    """A converged estimate whose flat directions are unexplored (:func:`_flat_unexplored`) is checked by the
-    degeneracy detector's underdamped-Langevin pilot (which moves √(Λ/γ) times faster along them); if it reads
-    clearly higher, or if its pilot does not fit the budget left, the result is marked not converged (the
-    degenerate fallback then decides what to report) with the reason in ``diagnostics.flat_directions``."""
+def _budget_left(result: LLCResult) -> int:
+    """Sequential steps of the estimate's budget not yet spent (``diagnostics.budget``)."""
+    budget = result.diagnostics.budget or {}
+    return int(budget.get("budget_steps", DEFAULT_BUDGET_STEPS)) - int(budget.get("steps_spent", 0))
+
+
+def _run_detector(model: nn.Module, loader: Any, loss_fn: LossFn, result: LLCResult, config: LLCConfig,
+                  device: str | torch.device | None) -> Any:
+    """:func:`slt_tools.sampling.degenerate.degeneracy_check` against ``result`` at its (γ, nβ), its steps charged
+    to ``diagnostics.budget``; None if its pilot does not fit the budget left (or the run is refined / on an
+    explicit device, which the detector does not support)."""
     from slt_tools.sampling import degenerate
 
-    h, d = result.hyperparameters, result.diagnostics
-    budget = dict(d.budget or {})
-    left = int(budget.get("budget_steps", DEFAULT_BUDGET_STEPS)) - int(budget.get("steps_spent", 0))
-    steps = int(h["num_burnin_steps"]) + int(h["num_draws"])
-    relax = relaxation_steps(float(h["lr"]), float(h["localization"]))
-    record: dict[str, Any] = {"steps_run": steps, "relaxation_steps": relax, "coverage": steps / relax}
-    if left < DEGENERACY_PILOT_STEPS or config.restrict_to is not None or device is not None:
-        record["verdict"] = "unverified: the underdamped-Langevin check did not fit the budget left"
-        d.update(converged=False, flat_directions=record)
-        _warn_flat(result, record)
+    if _budget_left(result) < DEGENERACY_PILOT_STEPS or config.restrict_to is not None or device is not None:
         return None
+    h = result.hyperparameters
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         chk = degenerate.degeneracy_check(model, loader, loss_fn, llc_sgld=result.llc_mean,
                                           llc_sgld_sem=result.llc_sem, localization=float(h["localization"]),
                                           nbeta=float(h["nbeta"]), seed=config.seed, max_steps=DEGENERACY_PILOT_STEPS)
-    record.update(check=chk.to_dict(), verdict="degenerate" if chk.degenerate else "verified")
+    budget = dict(result.diagnostics.budget or {})
     budget["steps_spent"] = int(budget.get("steps_spent", 0)) + chk.uld_steps
-    d.update(flat_directions=record, budget=budget)
-    if chk.degenerate:
+    result.diagnostics.update(budget=budget)
+    return chk
+
+
+def _verify_flat_directions(model: nn.Module, loader: Any, loss_fn: LossFn, result: LLCResult, config: LLCConfig,
+                            device: str | torch.device | None) -> Any:
+    """A converged estimate whose flat directions are unexplored (:func:`_flat_unexplored`) is checked by the
+    degeneracy detector's underdamped-Langevin pilot (which moves √(Λ/γ) times faster along them); if it reads
+    clearly higher, or if its pilot does not fit the budget left, the result is marked not converged (the
+    degenerate fallback then decides what to report) with the reason in ``diagnostics.flat_directions``. Returns
+    the detector's record (None if it did not run)."""
+    h, d = result.hyperparameters, result.diagnostics
+    steps = int(h["num_burnin_steps"]) + int(h["num_draws"])
+    relax = relaxation_steps(float(h["lr"]), float(h["localization"]))
+    record: dict[str, Any] = {"steps_run": steps, "relaxation_steps": relax, "coverage": steps / relax}
+    chk = _run_detector(model, loader, loss_fn, result, config, device)
+    if chk is None:
+        record["verdict"] = "unverified: the underdamped-Langevin check did not fit the budget left"
+    else:
+        record.update(check=chk.to_dict(), verdict="degenerate" if chk.degenerate else "verified")
+    d.update(flat_directions=record)
+    if chk is None or chk.degenerate:
         d.update(converged=False)
         _warn_flat(result, record)
     return chk
@@ -716,33 +733,25 @@ def _degenerate_fallback(model: nn.Module, loader: Any, loss_fn: LossFn, result:
     """After an unconverged self-calibrated estimate: is the point degenerate, and can ULD answer it in budget?
 
     :func:`slt_tools.sampling.degenerate.degeneracy_check` runs a short underdamped-Langevin pilot at the same
-    (γ, nβ) if the budget left holds it; if it reads clearly above SGLD (slow flat directions), the full ULD estimate
+    (γ, nβ) if the budget left holds it (``check``: the record of one the flat-direction verification already ran);
+    if it reads clearly above SGLD (slow flat directions), the full ULD estimate
     (:func:`slt_tools.sampling.degenerate.estimate_llc_degenerate`; within 5 % of Aoyagi's λ on rank-cut DLNs,
     experiments/degenerate_points.py) replaces the SGLD one when the budget left holds it too — its ``converged`` is
     its own trace's stationarity — and otherwise the SGLD estimate stays, flagged, with the ULD pilot's reading and
     the budget the full run needs. Either way a :class:`DegeneracyWarning` says which it is."""
     from slt_tools.sampling import degenerate
 
-    h, budget = result.hyperparameters, dict(result.diagnostics.budget or {})
-    left = int(budget.get("budget_steps", DEFAULT_BUDGET_STEPS)) - int(budget.get("steps_spent", 0))
-    gamma, nbeta = float(h["localization"]), float(h["nbeta"])
-    if check is not None:  # the flat-direction verification already ran the detector (and charged its steps)
-        chk = check
-    else:
-        if left < DEGENERACY_PILOT_STEPS or config.restrict_to is not None or device is not None:
-            return result
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            chk = degenerate.degeneracy_check(model, loader, loss_fn, llc_sgld=result.llc_mean,
-                                              llc_sgld_sem=result.llc_sem, localization=gamma, nbeta=nbeta,
-                                              seed=config.seed, max_steps=DEGENERACY_PILOT_STEPS)
-        left -= chk.uld_steps
+    chk = check if check is not None else _run_detector(model, loader, loss_fn, result, config, device)
+    if chk is None:
+        return result
     record = chk.to_dict()
-    spent = int(budget.get("steps_spent", 0)) + (0 if check is not None else chk.uld_steps)  # incl. the ULD pilot
     if not chk.degenerate:
         result.diagnostics.update(degeneracy=record)
         return result
-    settings = degenerate.uld_settings(model, loader, loss_fn, localization=gamma, nbeta=nbeta)
+    h, budget = result.hyperparameters, dict(result.diagnostics.budget or {})
+    left, spent = _budget_left(result), int(budget.get("steps_spent", 0))  # the ULD pilot included
+    settings = degenerate.uld_settings(model, loader, loss_fn, localization=float(h["localization"]),
+                                       nbeta=float(h["nbeta"]))
     need = settings["num_burnin_steps"] + settings["num_draws"]
     record.update(uld_steps_needed=need, budget_left=left)
     if need > left:
