@@ -45,7 +45,7 @@ WARNING_LABELS = {
     "NotConvergedWarning": "self-calibrated estimate did not converge",
     "VmapFallbackWarning": "model not vmappable (chains looped)",
     "CompileFallbackWarning": "torch.compile failed (ran eagerly)",
-    "StepSizeWarning": "MALA acceptance low (step-size bias)",
+    "StepSizeWarning": "step-size bias (MALA acceptance low or Stein bound > 5 %)",
 }
 
 
