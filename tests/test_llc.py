@@ -491,3 +491,22 @@ def test_default_burnin_is_the_flat_directions_relaxation_time_capped_by_the_run
     assert slt.LLCConfig(lr=1e-4, localization=100.0, num_burnin_steps=0).num_burnin_steps == 0
     assert slt.LLCConfig(lr=1e-4).num_burnin_steps is None  # γ left to calibration: decided there
     assert slt.LLCConfig(lr=1e-4, localization=0.0, num_draws=300).num_burnin_steps == 300
+
+
+def test_rank_normalized_rhat_sees_distributions_not_outliers():
+    """Vehtari et al. (2021) R̂: invariant under a monotone transform of the draws; ≈ 1 for iid chains; > 1.1 for
+    chains that differ in location even when one huge draw inflates the within-chain variance and hides the shift
+    from plain split-R̂, and — through the folded draws — for chains that differ only in scale."""
+    from slt_tools.sampling.diagnostics import rank_normalized_split_rhat, split_rhat
+
+    rng = np.random.default_rng(0)
+    iid = rng.normal(size=(4, 1000))
+    r = rank_normalized_split_rhat(iid)
+    assert r < 1.01 and r == pytest.approx(rank_normalized_split_rhat(np.exp(iid)), abs=1e-12)
+    shifted = iid + np.array([[0.0], [0.0], [0.0], [1.0]])
+    assert rank_normalized_split_rhat(shifted) > 1.1
+    spiked = shifted.copy()
+    spiked[0, 10] = 1e4  # one heavy-tailed draw
+    assert split_rhat(spiked) < 1.05 and rank_normalized_split_rhat(spiked) > 1.1
+    scaled = iid * np.array([[1.0], [1.0], [1.0], [4.0]])
+    assert split_rhat(scaled) < 1.05 and rank_normalized_split_rhat(scaled) > 1.1
