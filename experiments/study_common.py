@@ -91,7 +91,8 @@ def analyse(name: str, out: Path, config: dict, model_factory: Callable[[], Any]
                                flags=flags)
     from slt_tools.plots import plot_essential_dynamics, plot_stages
 
-    if ed is not None:
+    if ed is not None:  # the PC scores and smoothed curves, for experiments/ed_agreement.py's figures
+        write_json_atomic(out / "essential_dynamics.json", {**ed.to_dict(), "smoothed": ed.smoothed.tolist()})
         plot_essential_dynamics(ed, stages, path=figures / "essential_dynamics.png",
                                 title=f"{name}: essential dynamics, stages and milestones")
 
