@@ -71,7 +71,7 @@ def test_a_closing_bracket_doubles_the_run_instead_of_raising_gamma():
     """_bracket_closing: the main chains rising and the probe chains falling towards each other fast enough that one
     more doubling brings them within 10 % (the main job's final minimum: 58.4/29.6 → 36.2/32.2) → True; a bracket
     that shrinks too slowly, widens, or crosses → False; without the batched probe's record per run → False."""
-    from slt_tools.sampling.auto import _Budget, _Chains, _Checks, _bracket_closing
+    from slt_tools.sampling.auto import _bracket_closing, _Budget, _Chains, _Checks
     from slt_tools.sampling.result import ProbeRecord
 
     def checks(main, probe, batched=True):
