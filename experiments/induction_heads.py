@@ -38,6 +38,7 @@ from study_common import (  # noqa: E402
     analyse,
     log_spaced_steps,
     report,
+    stage_flags,
     study_main,
     train_with_checkpoints,
     write_json_atomic,
@@ -192,12 +193,15 @@ def per_head(cfg: InductionConfig, out: Path, loader: DataLoader, llc: dict) -> 
         final = scores[-1][name]
         role = ("induction" if final["induction"] > ROLE_THRESHOLD else
                 "previous_token" if final["previous_token"] > ROLE_THRESHOLD else "other")
-        ok = np.isfinite(t.llc_mean) & (t.llc_mean > 0)
+        ok = np.isfinite(t.llc_mean)
+        flags, policy = stage_flags(t.results, ok)  # flagged estimates are not evidence: left out, and listed
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            stages = slt.detect_stages(t.steps[ok], t.llc_mean[ok], loss=t.loss[ok], llc_std=t.llc_std[ok])
+            stages = slt.detect_stages(t.steps[ok], t.llc_mean[ok], loss=t.loss[ok], llc_std=t.llc_std[ok],
+                                       flags=flags)
         heads[name] = {"role": role, "final_scores": final, "llc": t.llc_mean.tolist(), "llc_std": t.llc_std.tolist(),
                        "stages": [st.to_dict() for st in stages], "stage_kinds": [st.kind for st in stages],
+                       "stage_flag_policy": policy, "excluded": stages.excluded,
                        "induction_score": [sc[name]["induction"] for sc in scores],
                        "previous_token_score": [sc[name]["previous_token"] for sc in scores]}
     plot_per_head(traj.steps, heads, cfg.n_layers, out / "figures" / "per_head_llc.png")

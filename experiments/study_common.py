@@ -33,6 +33,21 @@ def write_rows_atomic(path: Path, rows: list[dict]) -> None:
     atomic_write(path, write, newline="")
 
 
+def stage_flags(results: Sequence[Any], mask: np.ndarray, min_clean: int = 6) -> tuple[list[str | None], str]:
+    """The estimator's own flags for the checkpoints in ``mask`` (``slt.stages.flags_from_results``), and the policy.
+
+    Flagged estimates (λ̂ < 0, diverged, not converged, not stationary) are not evidence about the landscape, so
+    ``detect_stages`` leaves them out. When fewer than ``min_clean`` estimates are unflagged, only the hard flags
+    (λ̂ < 0, diverged) are kept, and the returned policy string says so.
+    """
+    flags = slt.stages.flags_from_results(results) if results else [None] * len(mask)
+    flags = [f for f, v in zip(flags, mask) if v]
+    if sum(f is None for f in flags) >= min_clean:
+        return flags, "excluded: llc<0, diverged, not converged, not stationary"
+    hard = [f if f and ("llc<0" in f or "diverged" in f) else None for f in flags]
+    return hard, "excluded: llc<0, diverged (too few estimates were converged and stationary to exclude the rest)"
+
+
 def read_rows(path: Path) -> list[dict]:
     with open(path) as f:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
@@ -79,14 +94,9 @@ def analyse(name: str, out: Path, config: dict, model_factory: Callable[[], Any]
     steps, llc, std, loss = (np.asarray(a, dtype=float) for a in (traj.steps, traj.llc_mean, traj.llc_std, traj.loss))
     mask = valid(llc) if valid is not None else np.isfinite(llc)
     print(f"[stages] detecting stages on {int(mask.sum())} valid estimates", flush=True)
-    flags = slt.stages.flags_from_results(traj.results) if traj.results else [None] * len(steps)
+    flags, policy = stage_flags(traj.results, mask)
     ed = (slt.essential_dynamics(out / "checkpoints", probe[0], model_factory=model_factory, forward=probe[1])
           if probe is not None else None)
-    flags = [f for f, v in zip(flags, mask) if v]
-    policy = "excluded: llc<0, diverged, not converged, not stationary"
-    if sum(f is None for f in flags) < 6:  # too few clean estimates: keep the soft-flagged ones, say so
-        flags = [f if f and ("llc<0" in f or "diverged" in f) else None for f in flags]
-        policy = "excluded: llc<0, diverged (too few estimates were converged and stationary to exclude the rest)"
     stages = slt.detect_stages(steps[mask], llc[mask], loss=loss[mask], llc_std=std[mask], milestones=ed,
                                flags=flags)
     from slt_tools.plots import plot_essential_dynamics, plot_stages

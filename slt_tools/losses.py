@@ -109,9 +109,12 @@ def per_token_loss(model: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     valid = targets != IGNORE_INDEX
     if mask is not None:
         valid = valid & mask[:, 1:].bool() & mask[:, :-1].bool()
-    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.clamp_min(0).flatten(), reduction="none")
+    # every position's row of the logits as they are (a view: slicing off the last position first would copy them
+    # all before log_softmax makes its own copy), the last position's target ignored, its loss dropped after
+    shifted = F.pad(targets.clamp_min(0), (0, 1), value=IGNORE_INDEX)
+    losses = F.cross_entropy(logits.flatten(0, 1), shifted.flatten(), reduction="none", ignore_index=IGNORE_INDEX)
     valid = valid.to(losses.dtype)
-    return losses.view_as(targets) * valid, valid
+    return losses.view(ids.shape)[:, :-1] * valid, valid
 
 
 def causal_lm(model: Any, batch: Any) -> torch.Tensor:

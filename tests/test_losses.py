@@ -104,3 +104,42 @@ def test_bad_batches_are_clear_value_errors():
         L.causal_lm(model, toks[:, :1])
     with pytest.raises(ValueError, match=r"\(input_ids,\) or \(input_ids, attention_mask\)"):
         L.causal_lm(model, (toks, toks, toks))
+
+
+def test_per_token_loss_equals_the_sliced_formula_and_copies_the_logits_once():
+    """Bit-for-bit the cross-entropy of the sliced logits (with padding and ignored labels), and only one tensor as
+    large as the logits is made (log_softmax's output): no copy of the logits before it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(4)
+    logits = torch.randn(3, 9, 17)
+    ids = torch.randint(0, 17, (3, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    labels = ids.masked_fill(torch.rand(3, 9, generator=torch.Generator().manual_seed(5)) < 0.2, -100)
+
+    def model(x):
+        return logits
+
+    for batch in (ids, {"input_ids": ids, "attention_mask": mask, "labels": labels}):
+        losses, valid = L.per_token_loss(model, batch)
+        targets = (labels if isinstance(batch, dict) else ids)[:, 1:]
+        old = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.clamp_min(0).flatten(), reduction="none")
+        torch.testing.assert_close(losses, old.view_as(targets) * valid, rtol=0, atol=0)
+
+    class Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.big = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor) and t.numel() >= logits[:, :-1].numel() and t._base is None \
+                        and t.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr():
+                    self.big.append(str(func))
+            return out
+
+    with Sizes() as sizes:
+        L.per_token_loss(model, ids)
+    assert len(sizes.big) == 1 and "log_softmax" in sizes.big[0], sizes.big

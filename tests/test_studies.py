@@ -74,3 +74,39 @@ def test_induction_heads_quick(offline):
     # the induction-head formation happens inside a type-A stage in which the LLC rises substantially
     (stage,) = [s for s in summary["stages"] if s["start"] <= formed <= s["end"]]
     assert stage["kind"] == "A" and stage["delta_llc"] > 10
+
+
+def test_susceptibility_study_logs_figures_and_contrasts_to_wandb(offline):
+    """``log_wandb`` of the susceptibility study, offline, read back from the run file: the config, every contrast's
+    estimate and SE in the summary, each figure as an image in the history and as a PNG on disk."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from slt_tools.logging import read_offline_run
+
+    study = _load("susceptibility_study")
+    contrasts = {"repeated_minus_non_repeated": {"induction_minus_other": {"estimate": -6.5e-5, "se": 1.5e-4},
+                                                 "induction_minus_other_layer1": {"estimate": 2.0e-4, "se": 5e-5}}}
+    summary = {"study_config": {"num_probe": 8, "seeds": [0, 3]},
+               "susceptibilities": {"seed0": {"contrasts": contrasts},
+                                    "seed3": {"contrasts": {"repeated": {"induction_minus_other":
+                                                                         {"estimate": 0.25, "se": 0.5}}}}}}
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [1, 0])
+    study.log_wandb(summary, {"susceptibility_heads_test": fig}, offline / "figs")
+    (run_dir,) = sorted((offline / "wandb").glob("offline-run-*"))
+    run = read_offline_run(run_dir)
+    assert run["config"]["num_probe"] == 8 and run["config"]["seeds"] == [0, 3]
+    got = run["summary"]
+    for seed, res in summary["susceptibilities"].items():
+        for g, c in res["contrasts"].items():
+            for k, v in c.items():
+                assert got[f"{seed}/{g}/{k}/estimate"] == pytest.approx(v["estimate"], rel=1e-12)
+                assert got[f"{seed}/{g}/{k}/se"] == pytest.approx(v["se"], rel=1e-12)
+    assert sum(k.endswith(("/estimate", "/se")) for k in got) == 2 * 3
+    (row,) = [h for h in run["history"] if "figures/susceptibility_heads_test/_type" in h]
+    assert row["figures/susceptibility_heads_test/_type"] == "image-file"
+    png = offline / "figs" / "susceptibility_heads_test.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -93,7 +93,8 @@ def _observables(probe_sets: Mapping[str, Any], reference: Any, fn: PerSampleLos
 def susceptibilities(model: nn.Module, train_loader: Any, probe_sets: Mapping[str, Any], restrictions: Restrictions,
                      loss_per_sample_fn: PerSampleLossFn, config: LLCConfig, *,
                      loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, reference_batch: Any = None,
-                     reference_size: int = 1024, device: str | torch.device | None = None) -> SusceptibilityResult:
+                     reference_size: int = 1024, device: str | torch.device | None = None,
+                     keep_draws: bool = False) -> SusceptibilityResult:
     """χ_{r,j} = Var_r[L_q] − Cov_r[L_q, ℓ_j] for every restriction r and every sample j of every probe set, from one
     batched run of all restrictions (module docstring).
 
@@ -104,6 +105,8 @@ def susceptibilities(model: nn.Module, train_loader: Any, probe_sets: Mapping[st
         loss_fn: the mean minibatch loss the chains sample (default the mean of ``loss_per_sample_fn``).
         reference_batch: the fixed batch whose mean loss is L_q (default the first ``reference_size`` training
             samples).
+        keep_draws: also keep every draw of every observable (``result.refined[r].observables[name].draws``,
+            (C, T, K) float64; memory grows with the draws) — the statistics are streamed either way.
     """
     if loss_fn is None:
         def loss_fn(m: Any, b: Any) -> torch.Tensor:
@@ -117,7 +120,7 @@ def susceptibilities(model: nn.Module, train_loader: Any, probe_sets: Mapping[st
         probes = {k: torch.utils._pytree.tree_map(move, b) for k, b in probe_sets.items()}
         obs = _observables(probes, ref, loss_per_sample_fn)
         prepared = [prepare_observables(model, g.layout, g.theta0, obs) for g in problem.groups]
-        res = sample_refined(problem, config, observables=prepared, reference=REFERENCE)
+        res = sample_refined(problem, config, observables=prepared, reference=REFERENCE, keep_draws=keep_draws)
     names = list(res.keys())
     chi, sem, chains = {}, {}, {}
     for k in probe_sets:
