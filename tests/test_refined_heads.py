@@ -18,12 +18,15 @@ from slt_tools.sampling.steps import BatchedLossGrad, scatter_lift
 R = slt.restrictions
 
 
-@pytest.fixture(scope="module")
-def lm():
-    """Two layers with LayerNorms and MLPs, so the factored layer has a nonlinear model around it."""
+@pytest.fixture(scope="module", params=["ln_mlp", "attn_only"])
+def lm(request):
+    """Two layers with LayerNorms and MLPs, so the factored layer has a nonlinear model around it; and two
+    attention-only layers without LayerNorm, the plain residual stream around the factored layer."""
     torch.manual_seed(0)
+    extra = (dict(attn_only=False, d_mlp=12, normalization="LN") if request.param == "ln_mlp" else
+             dict(attn_only=True, normalization=None))
     model = Transformer(TransformerConfig(n_layers=2, d_model=8, n_heads=4, d_head=2, d_vocab=7, n_ctx=6,
-                                          attn_only=False, d_mlp=12, normalization="LN", init_std=0.4))
+                                          init_std=0.4, **extra))
     tokens = torch.randint(0, 7, (48, 6), generator=torch.Generator().manual_seed(1))
     return model, DataLoader(TensorDataset(tokens), batch_size=16, shuffle=True)
 
@@ -48,6 +51,24 @@ def test_moving_head_is_the_forward_at_the_moved_weights(lm):
     with pytest.raises(ValueError, match="n_heads"):
         with moving_head(attn, torch.ones(3), new, star):
             pass
+
+
+def test_logits_with_a_moved_last_layer_head_are_the_model_at_the_moved_weights(lm):
+    """The whole model's logits under moving_head on the last layer (with LayerNorms and MLPs, and attention-only
+    without LayerNorm) = the model at the moved weights; the override ends with the block."""
+    model, _ = lm
+    attn = model.blocks[-1].attn
+    tokens = torch.randint(0, 7, (3, 6), generator=torch.Generator().manual_seed(4))
+    star = {k: getattr(attn, k).detach() for k in HEAD_SHAPES}
+    new = {k: torch.randn(v[1].shape, generator=torch.Generator().manual_seed(5)) for k, v in star.items()}
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for k in HEAD_SHAPES:
+        params[f"blocks.1.attn.{k}"][1] = new[k]
+    want = functional_call(model, params, (tokens,))
+    with moving_head(attn, torch.tensor([1.0, 0.0, 1.0, 1.0]), new, star):
+        got = model(tokens)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(want, model(tokens), atol=1e-3)
 
 
 def _step(group, factored, k, gen):
