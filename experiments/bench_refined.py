@@ -17,7 +17,9 @@ Methods, all with the same draws, chains (4 per head), ε, γ, nβ and L_n(w*):
 * ``batched_plain``: the same call with ``factor_heads=False`` (every head of the layer per pair): before/after;
 * ``sequential``: ``slt.estimate_refined_llc(..., heads[h])`` once per head (same seeds: identical chains);
 * ``devinterp``: devinterp 1.3.2's ``estimate_learning_coeff_with_summary`` once per head with
-  ``optimize_over_per_model_param`` = that head's masks (zeros for every other parameter).
+  ``optimize_over_per_model_param`` = that head's masks (zeros for every other parameter); timed as devinterp
+  runs (glibc's malloc defaults) and again with freed host memory kept as our runs keep it
+  (:mod:`slt_tools.sampling.host_memory`; before/after for our call: experiments/bench_host_memory.py).
 
 The draws cover whole epochs of the data (``--draws`` a multiple of n/m = 512/32 = 16 batches): every chain of a run
 sees the same minibatch sequence, so over a partial epoch the minibatch noise of L_B is common to all chains and heads,
@@ -243,6 +245,11 @@ def main() -> None:
     best = min(times, key=times.get)
     dev = None if args.no_devinterp else devinterp_per_head(model, loader, heads, hp, batched[best].init_loss)
     t_dev = None if dev is None else dev[0]
+    t_dev_kept = None
+    if dev is not None:    # devinterp with freed host memory kept as our runs keep it (its own runs do not)
+        with slt.sampling.host_memory.retained_host_memory("cpu"):
+            t_dev_kept = devinterp_per_head(model, loader, heads, hp, batched[best].init_loss)[0]
+        print(f"  devinterp    : {t_dev:7.1f} s; {t_dev_kept:7.1f} s with freed host memory kept", flush=True)
     print(f"  → best batched ({best} pairs per block) vs sequential {t_seq / times[best]:.2f}×, vs its plain lift "
           f"{plain_times[args.blocks[0]] / times[args.blocks[0]]:.2f}× (at {args.blocks[0]} pairs per block)"
           + ("" if t_dev is None else f"; devinterp {t_dev:.1f} s → {t_dev / times[best]:.2f}×"), flush=True)
@@ -269,9 +276,12 @@ def main() -> None:
                      "head_coordinates": heads["l0h0"].numel, "n_samples": args.n_seq, "batch_size": 32},
            "hyperparameters": hp, "init_loss": batched[best].init_loss,
            "wall_s": {"batched_by_pairs_per_block": times, "batched_plain_lift_by_pairs_per_block": plain_times,
-                      "sequential": t_seq, "devinterp": t_dev},
+                      "sequential": t_seq, "devinterp": t_dev, "devinterp_host_memory_kept": t_dev_kept},
            "speedup": {"best_batched_vs_sequential": t_seq / times[best],
                        "best_batched_vs_devinterp": None if t_dev is None else t_dev / times[best],
+                       "best_batched_vs_devinterp_host_memory_kept": None if t_dev_kept is None
+                       else t_dev_kept / times[best],
+
                        "factored_vs_plain_lift": plain_times[args.blocks[0]] / times[args.blocks[0]],
                        "sequential_vs_devinterp": None if t_dev is None else t_dev / t_seq},
            "agreement": agreement, "memory_vs_pairs_per_block": memory, "peak_rss_vs_pairs": peak,

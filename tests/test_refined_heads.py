@@ -18,13 +18,15 @@ from slt_tools.sampling.steps import BatchedLossGrad, scatter_lift
 R = slt.restrictions
 
 
-@pytest.fixture(scope="module", params=["ln_mlp", "attn_only"])
+@pytest.fixture(scope="module", params=["ln_mlp", "attn_only", "mlp"])
 def lm(request):
-    """Two layers with LayerNorms and MLPs, so the factored layer has a nonlinear model around it; and two
-    attention-only layers without LayerNorm, the plain residual stream around the factored layer."""
+    """Two layers with LayerNorms and MLPs, so the factored layer has a nonlinear model around it; two
+    attention-only layers without LayerNorm, the plain residual stream around the factored layer (carried in
+    low-rank form from it to the unembedding); and MLPs without LayerNorm (the low-rank stream enters an MLP)."""
     torch.manual_seed(0)
-    extra = (dict(attn_only=False, d_mlp=12, normalization="LN") if request.param == "ln_mlp" else
-             dict(attn_only=True, normalization=None))
+    extra = {"ln_mlp": dict(attn_only=False, d_mlp=12, normalization="LN"),
+             "attn_only": dict(attn_only=True, normalization=None),
+             "mlp": dict(attn_only=False, d_mlp=12, normalization=None)}[request.param]
     model = Transformer(TransformerConfig(n_layers=2, d_model=8, n_heads=4, d_head=2, d_vocab=7, n_ctx=6,
                                           init_std=0.4, **extra))
     tokens = torch.randint(0, 7, (48, 6), generator=torch.Generator().manual_seed(1))
@@ -53,22 +55,33 @@ def test_moving_head_is_the_forward_at_the_moved_weights(lm):
             pass
 
 
-def test_logits_with_a_moved_last_layer_head_are_the_model_at_the_moved_weights(lm):
-    """The whole model's logits under moving_head on the last layer (with LayerNorms and MLPs, and attention-only
-    without LayerNorm) = the model at the moved weights; the override ends with the block."""
+@pytest.mark.parametrize("layer", [0, 1])
+def test_logits_with_a_moved_head_are_the_model_at_the_moved_weights(lm, layer, monkeypatch):
+    """The whole model's logits under moving_head on either layer (with LayerNorms and MLPs, attention-only
+    without LayerNorm, MLPs without LayerNorm) = the model at the moved weights; without LayerNorm the residual
+    stream leaves the moved layer in low-rank form (rank 2·d_head) and the next linear maps take it as such; the
+    override ends with the block."""
+    from slt_tools.models import transformer as T
+
     model, _ = lm
-    attn = model.blocks[-1].attn
+    attn = model.blocks[layer].attn
     tokens = torch.randint(0, 7, (3, 6), generator=torch.Generator().manual_seed(4))
     star = {k: getattr(attn, k).detach() for k in HEAD_SHAPES}
     new = {k: torch.randn(v[1].shape, generator=torch.Generator().manual_seed(5)) for k, v in star.items()}
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     for k in HEAD_SHAPES:
-        params[f"blocks.1.attn.{k}"][1] = new[k]
+        params[f"blocks.{layer}.attn.{k}"][1] = new[k]
     want = functional_call(model, params, (tokens,))
+    ranks = []
+    for name in ("__matmul__", "per_head"):      # the linear maps that take the stream in low-rank form
+        method = getattr(T.LowRank, name)
+        monkeypatch.setattr(T.LowRank, name, lambda x, w, f=method: ranks.append(x.left.shape[-1]) or f(x, w))
     with moving_head(attn, torch.tensor([1.0, 0.0, 1.0, 1.0]), new, star):
         got = model(tokens)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(want, model(tokens), atol=1e-3)
+    low_rank = model.cfg.normalization is None
+    assert bool(ranks) == low_rank and set(ranks) <= {2 * model.cfg.d_head}
 
 
 def _step(group, factored, k, gen):

@@ -10,6 +10,13 @@ with einsum only (no in-place ops, no data-dependent control flow) so it can be 
 own: the layer output is a sum over heads, attn(x) = Σ_k z_k(x)·W_O[k] + b_O, so with head h moved to u it is
 Σ_{k≠h} z_k(x; w*)·W_O*[k] + z_h(x; u)·W_O(u) + b_O. Under ``vmap`` over (restriction, chain) pairs whose input x
 is the same for all (everything upstream at w*), the w* terms are computed once and each pair computes one head.
+
+Without LayerNorm the residual stream is carried further in factored form: the moved layer's output differs from
+the shared part by a matrix of rank ≤ 2·d_head, δ = z_h(x; u)·W_O(u) − z_h(x; w*)·W_O*[h] = L·R with L = [z_h(u),
+−z_h(w*)] (B, T, 2e) and R = [W_O(u); W_O*[h]] (2e, d) (:class:`LowRank`). Every linear map of the next layer (its
+W_Q, W_K, W_V, or an MLP's W_in) and the unembedding act on it as x*·W + L·(R·W): the shared product once per step,
+a rank-2e product per pair (for 8 heads of size 32 in d_model 256, 1/4 of a full projection's multiply-adds per
+pair; for the unembedding of a last-layer head, 1/4 of x·W_U). It is the same function, summed in another order.
 """
 from __future__ import annotations
 
@@ -87,27 +94,61 @@ class Attention(nn.Module):
         k = torch.einsum("bpd,hde->bphe", x, self.W_K) + self.b_K
         return _causal_softmax(torch.einsum("bqhe,bkhe->bhqk", q, k), self.cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | LowRank) -> torch.Tensor:
+        """The layer's output attn(x) = Σ_k z_k(x)·W_O[k] + b_O; x may be a :class:`LowRank` residual."""
         if self._moved is not None:
-            return self._forward_moved(x, *self._moved)
-        v = torch.einsum("bpd,hde->bphe", x, self.W_V) + self.b_V
-        z = torch.einsum("bhqk,bkhe->bqhe", self.pattern(x), v)
+            if isinstance(x, LowRank):
+                x = x.dense()
+            shared, low = self.moved_parts(x, *self._moved)
+            return shared + low.left @ low.right
+        if isinstance(x, LowRank):
+            q, k, v = (x.per_head(getattr(self, f"W_{n}")) + getattr(self, f"b_{n}") for n in "QKV")
+        else:
+            q, k, v = (torch.einsum("bpd,hde->bphe", x, getattr(self, f"W_{n}")) + getattr(self, f"b_{n}")
+                       for n in "QKV")
+        z = torch.einsum("bhqk,bkhe->bqhe", _causal_softmax(torch.einsum("bqhe,bkhe->bhqk", q, k), self.cfg), v)
         return torch.einsum("bqhe,hed->bqd", z, self.W_O) + self.b_O
 
-    def _forward_moved(self, x: torch.Tensor, keep: torch.Tensor, head: Mapping[str, torch.Tensor],
-                       own: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Σ_k keep_k·z_k(x)·W_O[k] over the heads of the tensors ``own`` (as the sum over all of them minus the
-        dropped one: one head's product per pair), plus one head with the tensors ``head``, plus b_O."""
-        v = torch.einsum("bpd,hde->bphe", x, own["W_V"]) + own["b_V"]
-        q = torch.einsum("bpd,hde->bphe", x, own["W_Q"]) + own["b_Q"]
-        k = torch.einsum("bpd,hde->bphe", x, own["W_K"]) + own["b_K"]
+    def moved_parts(self, x: torch.Tensor, keep: torch.Tensor, head: Mapping[str, torch.Tensor],
+                    own: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, LowRank]:
+        """The moved forward as (shared, δ): Σ_k z_k(x; own)·own W_O[k] + b_O over every head (computed once per
+        step when x and ``own`` are shared), and δ = z_h(x; head)·W_O(head) − z_h(x; own)·own W_O[h] as L·R
+        (:class:`LowRank` with base 0), h the head ``keep`` drops; moved output = shared + δ."""
+        q, k, v = (torch.einsum("bpd,hde->bphe", x, own[f"W_{n}"]) + own[f"b_{n}"] for n in "QKV")
         z = torch.einsum("bhqk,bkhe->bqhe", _causal_softmax(torch.einsum("bqhe,bkhe->bhqk", q, k), self.cfg), v)
-        every = torch.einsum("bqhe,hed->bqd", z, own["W_O"])        # once per step when x is shared
-        drop = 1.0 - keep                                           # one-hot of the moved head
-        rest = every - torch.einsum("bqhe,h->bqe", z, drop) @ torch.tensordot(drop, own["W_O"], dims=1)
+        every = torch.einsum("bqhe,hed->bqd", z, own["W_O"]) + self.b_O     # once per step when x is shared
+        drop = 1.0 - keep                                                   # one-hot of the moved head
         q, k = x @ head["W_Q"] + head["b_Q"], x @ head["W_K"] + head["b_K"]
-        pattern = _causal_softmax(torch.einsum("bqe,bke->bqk", q, k), self.cfg)
-        return rest + (pattern @ (x @ head["W_V"] + head["b_V"])) @ head["W_O"] + self.b_O
+        z_h = _causal_softmax(torch.einsum("bqe,bke->bqk", q, k), self.cfg) @ (x @ head["W_V"] + head["b_V"])
+        left = torch.cat([z_h, -torch.einsum("bqhe,h->bqe", z, drop)], dim=-1)
+        right = torch.cat([head["W_O"], torch.tensordot(drop, own["W_O"], dims=1)], dim=0)
+        return every, LowRank(torch.zeros((), dtype=x.dtype, device=x.device), left, right)
+
+
+@dataclass
+class LowRank:
+    """A residual stream x = base + left·right: ``base`` (…, d) shared by all pairs of a vmapped block, ``left``
+    (…, r) and ``right`` (r, d) per pair, r ≤ 2·d_head ≪ d (module docstring)."""
+
+    base: torch.Tensor
+    left: torch.Tensor
+    right: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        return self.base + self.left @ self.right
+
+    def __matmul__(self, w: torch.Tensor) -> torch.Tensor:
+        """x·W = base·W + left·(right·W), for W (d, m)."""
+        return self.base @ w + self.left @ (self.right @ w)
+
+    def per_head(self, w: torch.Tensor) -> torch.Tensor:
+        """x·W[k] for every head k of W (n_heads, d, e): (…, n_heads, e)."""
+        return (torch.einsum("bpd,hde->bphe", self.base, w)
+                + torch.einsum("bpr,rhe->bphe", self.left, torch.einsum("rd,hde->rhe", self.right, w)))
+
+    def plus(self, y: torch.Tensor) -> LowRank:
+        """x + y for a shared y."""
+        return LowRank(self.base + y, self.left, self.right)
 
 
 def _causal_softmax(scores: torch.Tensor, cfg: TransformerConfig) -> torch.Tensor:
@@ -148,7 +189,7 @@ class MLP(nn.Module):
         self.W_out = nn.Parameter(torch.randn(cfg.d_mlp, cfg.d_model) * cfg.init_std)
         self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | LowRank) -> torch.Tensor:
         pre = x @ self.W_in + self.b_in
         return (F.relu(pre) if self.act == "relu" else F.gelu(pre)) @ self.W_out + self.b_out
 
@@ -169,6 +210,18 @@ class Block(nn.Module):
         x = x + self.attn(self.ln1(x) if self.cfg.normalization else x)
         if not self.cfg.attn_only:
             x = x + self.mlp(self.ln2(x) if self.cfg.normalization else x)
+        return x
+
+    def forward_factored(self, x: torch.Tensor | LowRank) -> torch.Tensor | LowRank:
+        """The block without LayerNorm, its residual stream kept as a :class:`LowRank` where it is one: the moved
+        layer turns a shared x into shared + δ, the next linear maps consume δ in factored form."""
+        if self.attn._moved is not None and not isinstance(x, LowRank):
+            shared, low = self.attn.moved_parts(x, *self.attn._moved)
+            x = LowRank(x + shared, low.left, low.right)
+        else:
+            x = (x.dense() if isinstance(x, LowRank) else x) + self.attn(x)
+        if not self.cfg.attn_only:
+            x = (x.dense() if isinstance(x, LowRank) else x) + self.mlp(x)
         return x
 
 
@@ -194,9 +247,20 @@ class Transformer(nn.Module):
         return x
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cfg.normalization is None and any(b.attn._moved is not None for b in self.blocks):
+            return self._forward_factored(tokens)
         x = self.residual(tokens)
         if self.cfg.normalization == "LN":
             x = self.ln_final(x)
+        return x @ self.unembed.W_U + self.unembed.b_U
+
+    def _forward_factored(self, tokens: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` under :func:`moving_head` without LayerNorm: the residual stream in factored form
+        (:meth:`Block.forward_factored`) from the moved layer on, the unembedding applied to it as x*·W_U + L·(R·W_U)
+        when it is still a :class:`LowRank` (a moved last-layer head of an attention-only model)."""
+        x: torch.Tensor | LowRank = self.residual(tokens, upto=0)
+        for block in self.blocks:
+            x = block.forward_factored(x)
         return x @ self.unembed.W_U + self.unembed.b_U
 
     def attention_patterns(self, tokens: torch.Tensor) -> list[torch.Tensor]:

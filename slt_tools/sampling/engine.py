@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from slt_tools.sampling.host_memory import retained_host_memory
 from slt_tools.sampling.noise import NoisePool
 from slt_tools.sampling.samplers import Sampler
 from slt_tools.sampling.steps import BatchedLossGrad
@@ -139,7 +140,8 @@ def run_chains(
     bar = tqdm(total=total, desc="SGLD steps", leave=False, disable=not progress)
     hp = sampler.hyperparameters()
     t = 0
-    with loss_grad.session(fixed_shapes):  # whatever the path specialises to ends with the loop, whatever happens
+    # whatever the path specialises to ends with the loop, whatever happens; on the CPU freed memory is kept for reuse
+    with loss_grad.session(fixed_shapes), retained_host_memory(device):
         for t in range(total):
             batch = next(batches)
             noise = loss_grad.draw(draw_noise)

@@ -27,9 +27,10 @@ alone gives the same λ̂ to float rounding (the only difference is the batch si
 
 **Memory and speed.** ``LLCConfig.chain_chunk_size`` bounds the pairs advanced at once; activation memory grows
 linearly with it (measured in experiments/bench_refined.py). Default: a whole group per block on accelerators, and
-:data:`CPU_BLOCK` pairs on the CPU, where larger blocks were slower per pair (a 2-layer, 8-head transformer with
-32 × 32-token minibatches: 4.2 ms per pair-step in blocks of 4 vs 10.2 ms in blocks of 32, compiled; its attention
-tensors stop fitting in cache).
+:data:`CPU_BLOCK` pairs on the CPU, where larger blocks do not pay (experiments/bench_refined.py's model, all 16
+heads × 4 chains, freed host memory kept (:mod:`~slt_tools.sampling.host_memory`): 31.2, 29.0, 29.4 and 30.2 s in
+blocks of 4, 8, 16 and 32 pairs; an earlier, compiled 2-layer, 4-head model: 4.2 ms per pair-step in blocks of 4 vs
+10.2 ms in blocks of 32, its attention tensors no longer fitting in cache).
 
 **Hyperparameters.** ``lr`` and ``localization`` are either given or calibrated once on the whole model
 (:func:`slt_tools.calibrate_llc`) and used for every restriction. That is safe for stability: the Hessian of the

@@ -11,7 +11,9 @@ are the other heads' outputs. With :func:`slt_tools.models.transformer.moving_he
 whose first sum is unbatched under ``vmap`` (computed once per step for all pairs, its weighting by keep_r a cheap
 contraction) and whose second term is one head per pair. It is the same function of u as the plain lift
 (:func:`~slt_tools.sampling.steps.scatter_lift` into the layer's tensors), summed in another order: equal to float
-rounding. What lies downstream of the layer is per pair either way.
+rounding. Downstream of the layer, a model without LayerNorm carries the pair's residual stream as the shared one
+plus a rank-2·d_head term into the next linear maps and the unembedding (:class:`slt_tools.models.transformer.
+LowRank`); after the next attention layer (all of whose heads see the change) it is per pair and full.
 
 The chains' state stays u ∈ R^{d_r}; the step's lift (:func:`factored_lift`) hands the loss the layer's tensors at
 the pair's weights (as the plain lift does: a loss reading the weights directly sees the sampled ones), u itself and
