@@ -281,7 +281,6 @@ def main() -> None:
                        "best_batched_vs_devinterp": None if t_dev is None else t_dev / times[best],
                        "best_batched_vs_devinterp_host_memory_kept": None if t_dev_kept is None
                        else t_dev_kept / times[best],
-
                        "factored_vs_plain_lift": plain_times[args.blocks[0]] / times[args.blocks[0]],
                        "sequential_vs_devinterp": None if t_dev is None else t_dev / t_seq},
            "agreement": agreement, "memory_vs_pairs_per_block": memory, "peak_rss_vs_pairs": peak,

@@ -111,7 +111,7 @@ def per_token_loss(model: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if mask is not None:
         valid = valid & mask[:, 1:].bool() & mask[:, :-1].bool()
     # every position's row of the logits as they are (a view: slicing off the last position first would copy them
-    # all before log_softmax makes its own copy), the last position's target ignored, its loss dropped after
+    # all), the last position's target ignored, its loss dropped after
     shifted = F.pad(targets.clamp_min(0), (0, 1), value=IGNORE_INDEX)
     losses = token_cross_entropy(logits.flatten(0, 1), shifted.flatten())
     valid = valid.to(losses.dtype)
@@ -122,12 +122,13 @@ class _TokenCrossEntropy(torch.autograd.Function):
     """ℓ_i = logsumexp_v(z_iv) − z_{i,y_i} (0 where y_i = −100), ∂ℓ_i/∂z_iv = softmax(z_i)_v − [v = y_i].
 
     The backward builds that gradient in one vocabulary-sized buffer (exp of z − logsumexp in place, the targets'
-    −1 scattered in), from the saved logits (alive anyway) and the (N,) logsumexp: ``F.cross_entropy`` saves an
-    (N, V) log-softmax and its backward fills an (N, V) zero gradient for the gather and then writes a third (N, V)
-    buffer. With one language-model step per chain and N·V = 1 M per chain, those buffers are the step's largest
-    and, on a CPU, each fresh one costs a page fault per 4 KiB (docs/transformers.md, "Speed"). Under create_graph
-    (a Hessian-vector product) the backward is the same formula out of place, differentiable in the logits.
-    ``torch.func`` transforms use the generated vmap rule."""
+    −1 scattered in), from the saved logits and the (N,) logsumexp. ``F.cross_entropy`` saves an (N, V)
+    log-softmax instead (the same memory between forward and backward), and its backward fills an (N, V) zero
+    gradient for the gather and then writes a third (N, V) buffer. Those are a language-model step's largest
+    tensors (N·V = 1 M per chain in experiments/bench_refined.py), and on a CPU each fresh one costs a page fault
+    per 4 KiB (docs/transformers.md, "Speed"). Under create_graph (a Hessian-vector product) the backward is the
+    same formula out of place, differentiable in the logits. ``torch.func`` transforms use the generated vmap
+    rule."""
 
     generate_vmap_rule = True
 

@@ -99,8 +99,7 @@ class Attention(nn.Module):
         if self._moved is not None:
             if isinstance(x, LowRank):
                 x = x.dense()
-            shared, low = self.moved_parts(x, *self._moved)
-            return shared + low.left @ low.right
+            return self.moved_parts(x, *self._moved).dense()
         if isinstance(x, LowRank):
             q, k, v = (x.per_head(getattr(self, f"W_{n}")) + getattr(self, f"b_{n}") for n in "QKV")
         else:
@@ -110,10 +109,10 @@ class Attention(nn.Module):
         return torch.einsum("bqhe,hed->bqd", z, self.W_O) + self.b_O
 
     def moved_parts(self, x: torch.Tensor, keep: torch.Tensor, head: Mapping[str, torch.Tensor],
-                    own: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, LowRank]:
-        """The moved forward as (shared, δ): Σ_k z_k(x; own)·own W_O[k] + b_O over every head (computed once per
-        step when x and ``own`` are shared), and δ = z_h(x; head)·W_O(head) − z_h(x; own)·own W_O[h] as L·R
-        (:class:`LowRank` with base 0), h the head ``keep`` drops; moved output = shared + δ."""
+                    own: Mapping[str, torch.Tensor]) -> LowRank:
+        """The moved forward as a :class:`LowRank`: base Σ_k z_k(x; own)·own W_O[k] + b_O over every head (once
+        per step when x and ``own`` are shared) plus δ = z_h(x; head)·W_O(head) − z_h(x; own)·own W_O[h] as L·R,
+        h the head ``keep`` drops."""
         q, k, v = (torch.einsum("bpd,hde->bphe", x, own[f"W_{n}"]) + own[f"b_{n}"] for n in "QKV")
         z = torch.einsum("bhqk,bkhe->bqhe", _causal_softmax(torch.einsum("bqhe,bkhe->bhqk", q, k), self.cfg), v)
         every = torch.einsum("bqhe,hed->bqd", z, own["W_O"]) + self.b_O     # once per step when x is shared
@@ -122,7 +121,7 @@ class Attention(nn.Module):
         z_h = _causal_softmax(torch.einsum("bqe,bke->bqk", q, k), self.cfg) @ (x @ head["W_V"] + head["b_V"])
         left = torch.cat([z_h, -torch.einsum("bqhe,h->bqe", z, drop)], dim=-1)
         right = torch.cat([head["W_O"], torch.tensordot(drop, own["W_O"], dims=1)], dim=0)
-        return every, LowRank(torch.zeros((), dtype=x.dtype, device=x.device), left, right)
+        return LowRank(every, left, right)
 
 
 @dataclass
@@ -145,10 +144,6 @@ class LowRank:
         """x·W[k] for every head k of W (n_heads, d, e): (…, n_heads, e)."""
         return (torch.einsum("bpd,hde->bphe", self.base, w)
                 + torch.einsum("bpr,rhe->bphe", self.left, torch.einsum("rd,hde->rhe", self.right, w)))
-
-    def plus(self, y: torch.Tensor) -> LowRank:
-        """x + y for a shared y."""
-        return LowRank(self.base + y, self.left, self.right)
 
 
 def _causal_softmax(scores: torch.Tensor, cfg: TransformerConfig) -> torch.Tensor:
@@ -216,8 +211,8 @@ class Block(nn.Module):
         """The block without LayerNorm, its residual stream kept as a :class:`LowRank` where it is one: the moved
         layer turns a shared x into shared + δ, the next linear maps consume δ in factored form."""
         if self.attn._moved is not None and not isinstance(x, LowRank):
-            shared, low = self.attn.moved_parts(x, *self.attn._moved)
-            x = LowRank(x + shared, low.left, low.right)
+            out = self.attn.moved_parts(x, *self.attn._moved)
+            x = LowRank(x + out.base, out.left, out.right)
         else:
             x = (x.dense() if isinstance(x, LowRank) else x) + self.attn(x)
         if not self.cfg.attn_only:
