@@ -1,9 +1,8 @@
 """Ready loss functions ``loss_fn(model, batch)`` for language models, for the LLC estimators.
 
 :func:`causal_lm` is the mean next-token cross-entropy over real (unpadded, unignored) target tokens;
-:func:`per_token_loss` gives the per-position losses and their validity mask for observables; both use
-:func:`token_cross_entropy`, ``F.cross_entropy`` with one vocabulary-sized buffer per step instead of three. Models
-may return a logits tensor (``slt_tools.models.Transformer``, TransformerLens ``HookedTransformer``), a Hugging Face
+:func:`per_token_loss` gives the per-position losses and their validity mask for observables. Models may return a
+logits tensor (``slt_tools.models.Transformer``, TransformerLens ``HookedTransformer``), a Hugging Face
 ``ModelOutput`` with ``.logits``, or a tuple whose first element is the logits. Batches may be a token tensor
 ``[batch, pos]``, a tuple ``(input_ids,)`` / ``(input_ids, attention_mask)``, or a dict with ``"input_ids"`` and
 optionally ``"attention_mask"`` (1 = real token) and ``"labels"`` (Hugging Face convention: unshifted, ``-100`` =
@@ -111,55 +110,11 @@ def per_token_loss(model: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if mask is not None:
         valid = valid & mask[:, 1:].bool() & mask[:, :-1].bool()
     # every position's row of the logits as they are (a view: slicing off the last position first would copy them
-    # all), the last position's target ignored, its loss dropped after
+    # all before log_softmax makes its own copy), the last position's target ignored, its loss dropped after
     shifted = F.pad(targets.clamp_min(0), (0, 1), value=IGNORE_INDEX)
-    losses = token_cross_entropy(logits.flatten(0, 1), shifted.flatten())
+    losses = F.cross_entropy(logits.flatten(0, 1), shifted.flatten(), reduction="none", ignore_index=IGNORE_INDEX)
     valid = valid.to(losses.dtype)
     return losses.view(ids.shape)[:, :-1] * valid, valid
-
-
-class _TokenCrossEntropy(torch.autograd.Function):
-    """ℓ_i = logsumexp_v(z_iv) − z_{i,y_i} (0 where y_i = −100), ∂ℓ_i/∂z_iv = softmax(z_i)_v − [v = y_i].
-
-    The backward builds that gradient in one vocabulary-sized buffer (exp of z − logsumexp in place, the targets'
-    −1 scattered in), from the saved logits and the (N,) logsumexp. ``F.cross_entropy`` saves an (N, V)
-    log-softmax instead (the same memory between forward and backward), and its backward fills an (N, V) zero
-    gradient for the gather and then writes a third (N, V) buffer. Those are a language-model step's largest
-    tensors (N·V = 1 M per chain in experiments/bench_refined.py), and on a CPU each fresh one costs a page fault
-    per 4 KiB (docs/transformers.md, "Speed"). Under create_graph (a Hessian-vector product) the backward is the
-    same formula out of place, differentiable in the logits. ``torch.func`` transforms use the generated vmap
-    rule."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lse = torch.logsumexp(logits, dim=-1)
-        picked = logits.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        return torch.where(target != IGNORE_INDEX, lse - picked, torch.zeros_like(lse)), lse
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: tuple[torch.Tensor, ...]) -> None:
-        ctx.save_for_backward(inputs[0], inputs[1], output[1])
-        ctx.mark_non_differentiable(output[1])
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor, _: Any) -> tuple[torch.Tensor, None]:
-        logits, target, lse = ctx.saved_tensors
-        g = torch.where(target != IGNORE_INDEX, grad, torch.zeros_like(grad)).unsqueeze(-1)
-        index = target.clamp_min(0).unsqueeze(-1)
-        if torch.is_grad_enabled():     # create_graph: differentiable in the logits
-            onehot = torch.zeros_like(logits).scatter(-1, index, 1.0)
-            return (torch.softmax(logits, dim=-1) - onehot) * g, None
-        out = (logits - lse.unsqueeze(-1)).exp_().mul_(g)
-        return out.scatter_add_(-1, index, -g), None
-
-
-def token_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-row cross-entropy of ``logits`` (N, V) against ``target`` (N,), 0 where the target is −100: equal to
-    ``F.cross_entropy(..., reduction="none", ignore_index=-100)`` to float rounding, with one vocabulary-sized
-    buffer in its backward instead of three (:class:`_TokenCrossEntropy`)."""
-    return _TokenCrossEntropy.apply(logits, target)[0]
 
 
 def causal_lm(model: Any, batch: Any) -> torch.Tensor:

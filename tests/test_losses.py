@@ -106,10 +106,9 @@ def test_bad_batches_are_clear_value_errors():
         L.causal_lm(model, (toks, toks, toks))
 
 
-def test_per_token_loss_equals_the_sliced_formula_and_makes_one_logit_sized_buffer():
-    """The cross-entropy of the sliced logits (with padding and ignored labels) to float rounding, and one tensor as
-    large as the logits is made over forward and backward (the gradient): no copy of the logits, no saved
-    log-softmax, no zero-filled gather gradient (F.cross_entropy makes three)."""
+def test_per_token_loss_equals_the_sliced_formula_and_copies_the_logits_once():
+    """Bit-for-bit the cross-entropy of the sliced logits (with padding and ignored labels), and only one tensor as
+    large as the logits is made (log_softmax's output): no copy of the logits before it."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     torch.manual_seed(4)
@@ -126,54 +125,21 @@ def test_per_token_loss_equals_the_sliced_formula_and_makes_one_logit_sized_buff
         losses, valid = L.per_token_loss(model, batch)
         targets = (labels if isinstance(batch, dict) else ids)[:, 1:]
         old = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.clamp_min(0).flatten(), reduction="none")
-        torch.testing.assert_close(losses, old.view_as(targets) * valid, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(losses, old.view_as(targets) * valid, rtol=0, atol=0)
 
     class Sizes(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.big = {}
+            self.big = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             for t in (out if isinstance(out, (tuple, list)) else (out,)):
-                if isinstance(t, torch.Tensor) and t.numel() >= logits[:, :-1].numel() \
+                if isinstance(t, torch.Tensor) and t.numel() >= logits[:, :-1].numel() and t._base is None \
                         and t.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr():
-                    self.big.setdefault(t.untyped_storage().data_ptr(), str(func))
+                    self.big.append(str(func))
             return out
 
-    for loss, made in ((lambda: L.per_token_loss(model, ids)[0], 1),
-                       (lambda: F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none"), 3)):
-        logits.grad = None
-        logits.requires_grad_(True)
-        with Sizes() as sizes:
-            loss().sum().backward()
-        logits.requires_grad_(False)
-        assert len(sizes.big) == made, sizes.big
-
-
-def test_token_cross_entropy_gradients_hessian_vector_products_and_vmap_match_f_cross_entropy():
-    """The fused cross-entropy's gradient, its Hessian-vector product (create_graph, as slt_tools.geometry uses it),
-    and its gradient under torch.func.vmap(grad) equal F.cross_entropy's, ignored targets included."""
-    from torch.func import grad, vmap
-
-    gen = torch.Generator().manual_seed(0)
-    z = torch.randn(40, 11, dtype=torch.float64, generator=gen, requires_grad=True)
-    y = torch.randint(0, 11, (40,), generator=gen)
-    y[[2, 9]] = -100
-    w, v = torch.randn(40, dtype=torch.float64, generator=gen), torch.randn(40, 11, dtype=torch.float64, generator=gen)
-
-    def ours(t):
-        return (L.token_cross_entropy(t, y) * w).sum()
-
-    def ref(t):
-        return (F.cross_entropy(t, y, reduction="none", ignore_index=-100) * w).sum()
-
-    torch.testing.assert_close(ours(z), ref(z), rtol=1e-12, atol=1e-12)
-    (g1,), (g2,) = (torch.autograd.grad(f(z), z, create_graph=True) for f in (ours, ref))
-    torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-12)
-    assert float(g1[[2, 9]].abs().max()) == 0.0
-    (h1,), (h2,) = (torch.autograd.grad((g * v).sum(), z) for g in (g1, g2))
-    torch.testing.assert_close(h1, h2, rtol=1e-10, atol=1e-12)
-    assert torch.autograd.gradgradcheck(lambda t: L.token_cross_entropy(t, y), (z,))
-    zs = torch.randn(3, 40, 11, dtype=torch.float64, generator=gen)
-    torch.testing.assert_close(vmap(grad(ours))(zs), vmap(grad(ref))(zs), rtol=1e-12, atol=1e-12)
+    with Sizes() as sizes:
+        L.per_token_loss(model, ids)
+    assert len(sizes.big) == 1 and "log_softmax" in sizes.big[0], sizes.big
