@@ -15,8 +15,9 @@ Without LayerNorm the residual stream is carried further in factored form: the m
 the shared part by a matrix of rank ≤ 2·d_head, δ = z_h(x; u)·W_O(u) − z_h(x; w*)·W_O*[h] = L·R with L = [z_h(u),
 −z_h(w*)] (B, T, 2e) and R = [W_O(u); W_O*[h]] (2e, d) (:class:`LowRank`). Every linear map of the next layer (its
 W_Q, W_K, W_V, or an MLP's W_in) and the unembedding act on it as x*·W + L·(R·W): the shared product once per step,
-a rank-2e product per pair (for 8 heads of size 32 in d_model 256, 1/4 of a full projection's multiply-adds per
-pair; for the unembedding of a last-layer head, 1/4 of x·W_U). It is the same function, summed in another order.
+a rank-2e product per pair (for 8 heads of size 32 in d_model 256, about 1/3 of a full projection's multiply-adds
+per pair with R·W; for the unembedding of a last-layer head, about 1/4 of x·W_U). It is the same function, summed
+in another order.
 """
 from __future__ import annotations
 
