@@ -1,5 +1,6 @@
 """slt_tools.sampling.host_memory: freed host memory is kept only where it applies, the settings nest and are
 restored, and a run's numbers do not depend on it."""
+import os
 import warnings
 
 import numpy as np
@@ -12,7 +13,7 @@ from slt_tools.sampling import host_memory as H
 
 
 def test_applies_only_to_the_cpu_and_without_a_callers_malloc_settings(monkeypatch):
-    for key in [k for k in list(__import__("os").environ) if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
+    for key in [k for k in list(os.environ) if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
         monkeypatch.delenv(key)
     monkeypatch.delenv("SLT_TOOLS_KEEP_MALLOC", raising=False)
     assert H.applies("cpu") == (H._glibc() is not None)

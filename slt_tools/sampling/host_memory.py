@@ -7,17 +7,17 @@ sampling step allocates and frees the same large temporaries every step (a langu
 gradient, B·T·V·4 bytes per chain; attention activations), so with those defaults each step pays a page fault, and
 the kernel zeroing a page, for every 4 KiB of them: on this project's VMs about 10 µs per fault, i.e. ~2.5 ms per
 MiB allocated. Measured on experiments/bench_refined.py's model (2 layers × 8 heads, d_model 256, d_vocab 1024),
-one thread, blocks of 8 (head, chain) pairs: a refined step took 50 ms per layer-0 pair and 24 ms per layer-1 pair
-with glibc's defaults, 35 ms and 15 ms with freed memory kept (docs/transformers.md, "Speed").
+one thread, blocks of 8 (head, chain) pairs, fastest of 7 steps, mean of 2 processes: a refined step took 51 ms per
+layer-0 pair and 25 ms per layer-1 pair with glibc's defaults, 36 ms and 14 ms with freed memory kept; a whole run
+is 1.20× faster (experiments/bench_host_memory.py, docs/transformers.md, "Speed").
 
 :func:`retained_host_memory` sets ``M_MMAP_MAX`` = 0 (every block from the heap) and ``M_TRIM_THRESHOLD`` = 2 GiB
 (the largest value ``mallopt`` takes: the heap's free top is kept) for the duration of a run, then sets the
 thresholds glibc's own dynamic rule would have reached (:data:`AFTER`) and returns the heap's free memory with
-``malloc_trim(0)``. Resident memory stays at the run's peak
-until the run ends, which is what the allocations reach anyway. Nothing is changed where the C library is not glibc,
-where the caller configured malloc (``MALLOC_*_`` or ``GLIBC_TUNABLES`` in the environment), for a device other than
-the CPU, or when ``SLT_TOOLS_KEEP_MALLOC=1`` asks to leave malloc alone. Results are unaffected: it changes where
-memory comes from, not what is computed.
+``malloc_trim(0)``. Resident memory stays at the run's peak until the run ends, which is what the allocations reach
+anyway. Nothing is changed where the C library is not glibc, where the caller configured malloc (``MALLOC_*_`` or
+``GLIBC_TUNABLES`` in the environment), for a device other than the CPU, or when ``SLT_TOOLS_KEEP_MALLOC=1`` asks to
+leave malloc alone. Results are unaffected: it changes where memory comes from, not what is computed.
 """
 from __future__ import annotations
 
